@@ -1,0 +1,66 @@
+// Linear layers y = x Wᵀ over weight matrices stored row-major as [out_features, in_features].
+// The kernel for each (weight dtype, ISA) is picked at run time (see sparsa/core/cpu.h); every
+// fast path is tested against the scalar reference in kernels/reference.
+//
+//   sparsa::kernels::DenseWeight w{sparsa::DType::BF16, rows, cols, ptr};
+//   sparsa::kernels::linear(w, x, cols, n_tokens, y, rows, pool);   // y: [n_tokens, rows]
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "sparsa/core/cpu.h"
+#include "sparsa/core/dtype.h"
+#include "sparsa/core/thread_pool.h"
+
+namespace sparsa::kernels {
+
+/// A dense row-major weight matrix [rows, cols] of F32, F16 or BF16, not owned.
+struct DenseWeight {
+  DType dtype = DType::F32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const void* data = nullptr;
+};
+
+/// y[t * ldy + r] = sum_k x[t * ldx + k] * W[r, k]  for t < n_tokens, r < rows.
+/// Accumulates in f32. Decode (few tokens) streams W once; prefill uses a blocked GEMM.
+void linear(const DenseWeight& w, const float* x, int64_t ldx, int64_t n_tokens, float* y,
+            int64_t ldy, ThreadPool& pool);
+
+/// The same with an explicit ISA (tests, benchmarks).
+void linear_isa(Isa isa, const DenseWeight& w, const float* x, int64_t ldx, int64_t n_tokens,
+                float* y, int64_t ldy, ThreadPool& pool);
+
+/// Causal grouped-query attention for `n_q` new queries at positions pos0 .. pos0 + n_q - 1,
+/// attending to cache rows 0 .. pos (inclusive) of their own position.
+///   q:   [n_q, n_heads * head_dim], row stride ldq
+///   k,v: [>= pos0 + n_q, n_kv_heads * head_dim], row stride ldkv (the KV cache, f32)
+///   out: [n_q, n_heads * head_dim], row stride ldo
+/// Query head h reads kv head h / (n_heads / n_kv_heads). scores = q·k * scale, softmax in f32.
+struct AttentionShape {
+  int64_t n_q = 0;
+  int64_t pos0 = 0;
+  int n_heads = 0;
+  int n_kv_heads = 0;
+  int head_dim = 0;
+  float scale = 1.0f;
+};
+void attention(const AttentionShape& s, const float* q, int64_t ldq, const float* k,
+               const float* v, int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool);
+void attention_isa(Isa isa, const AttentionShape& s, const float* q, int64_t ldq, const float* k,
+                   const float* v, int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool);
+
+/// Measured memory read bandwidth in bytes/s: streams a `bytes`-sized buffer (much larger than
+/// the caches) `reps` times with all threads of `pool`, and returns the best repetition.
+double measure_read_bandwidth(ThreadPool& pool, size_t bytes = size_t{1} << 30, int reps = 5);
+
+}  // namespace sparsa::kernels
+
+namespace sparsa::kernels::reference {
+/// Scalar oracles: plain loops, double accumulation.
+void linear(const DenseWeight& w, const float* x, int64_t ldx, int64_t n_tokens, float* y,
+            int64_t ldy);
+void attention(const AttentionShape& s, const float* q, int64_t ldq, const float* k,
+               const float* v, int64_t ldkv, float* out, int64_t ldo);
+}  // namespace sparsa::kernels::reference
