@@ -1,0 +1,109 @@
+// Llama-family decoders (Llama, Mistral, Qwen2) as one description: config → named weights →
+// forward over a batch of tokens with a KV cache.
+//
+//   sparsa::ThreadPool pool(2);
+//   auto model = sparsa::model::Model::load("models/tiny");
+//   sparsa::model::KvCache cache(model->config(), 256);
+//   std::vector<float> logits(model->config().vocab_size);
+//   model->forward(ids, cache, logits.data(), /*all_logits=*/false, pool);   // prefill
+//   model->forward({next_id}, cache, logits.data(), false, pool);            // one decode step
+#pragma once
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "sparsa/core/thread_pool.h"
+#include "sparsa/io/model_config.h"
+#include "sparsa/io/safetensors.h"
+#include "sparsa/kernels/linear.h"
+
+namespace sparsa::model {
+
+/// Keys and values of every layer for one sequence, f32, [max_tokens, n_kv_heads * head_dim].
+class KvCache {
+ public:
+  KvCache(const io::ModelConfig& config, int64_t max_tokens);
+
+  int64_t size() const { return size_; }
+  int64_t capacity() const { return capacity_; }
+  void clear() { size_ = 0; }
+  /// Forgets everything after the first `n` tokens.
+  void truncate(int64_t n);
+
+  float* keys(int64_t layer) { return k_[static_cast<size_t>(layer)].data(); }
+  float* values(int64_t layer) { return v_[static_cast<size_t>(layer)].data(); }
+  int64_t row_stride() const { return row_; }
+  void advance(int64_t n) { size_ += n; }
+
+ private:
+  int64_t capacity_ = 0;
+  int64_t size_ = 0;
+  int64_t row_ = 0;
+  std::vector<std::vector<float>> k_, v_;
+};
+
+/// A linear layer: y = x Wᵀ + b.
+struct Linear {
+  std::string name;  // tensor name of the weight
+  kernels::DenseWeight weight;
+  std::vector<float> bias;  // empty when none
+};
+
+struct Block {
+  std::vector<float> attn_norm, mlp_norm;  // [hidden]
+  Linear q, k, v, o, gate, up, down;
+};
+
+/// Called with the input of every linear layer (for calibration): the layer index, the
+/// linear's name ("q", "k", "v", "o", "gate", "up", "down"), x [n_tokens, in_features].
+using LinearInputHook =
+    std::function<void(int64_t layer, const char* linear, const float* x, int64_t n_tokens)>;
+
+class Model {
+ public:
+  /// Loads DIR (config.json + safetensors). Weights stay in the mmapped files; only norms and
+  /// biases are converted to f32. Throws sparsa::Error on any missing or ill-shaped tensor.
+  static std::unique_ptr<Model> load(const std::string& dir);
+
+  const io::ModelConfig& config() const { return config_; }
+  const io::Checkpoint& checkpoint() const { return checkpoint_; }
+  const std::vector<Block>& blocks() const { return blocks_; }
+  const Linear& lm_head() const { return lm_head_; }
+  /// Bytes of weights one decode step reads: every linear layer, lm_head, one embedding row.
+  size_t weight_bytes_per_token() const;
+
+  /// Runs `tokens` at positions cache.size() ... and appends their keys and values to `cache`.
+  /// logits: [vocab] for the last token, or [tokens.size(), vocab] when `all_logits`.
+  void forward(std::span<const int32_t> tokens, KvCache& cache, float* logits, bool all_logits,
+               ThreadPool& pool);
+
+  void set_linear_input_hook(LinearInputHook hook) { hook_ = std::move(hook); }
+
+ private:
+  Model() = default;
+  void forward_chunk(std::span<const int32_t> tokens, KvCache& cache, float* logits,
+                     bool all_logits, ThreadPool& pool);
+  void ensure_workspace(int64_t n_tokens);
+
+  io::ModelConfig config_;
+  io::Checkpoint checkpoint_;
+  io::TensorView embed_;
+  std::vector<Block> blocks_;
+  std::vector<float> final_norm_;
+  Linear lm_head_;
+  std::vector<float> rope_inv_freq_;  // [head_dim / 2]
+  LinearInputHook hook_;
+
+  // Activations of one chunk; grown once, reused by every call (no allocation while decoding).
+  int64_t ws_tokens_ = 0;
+  std::vector<float> x_, xn_, q_, attn_, gate_, up_, cos_, sin_;
+};
+
+/// Inverse frequencies of rotary embeddings after rope scaling (HF's rope init functions).
+std::vector<float> rope_inverse_frequencies(const io::ModelConfig& config);
+
+}  // namespace sparsa::model

@@ -1,0 +1,307 @@
+#include "sparsa/model/llama.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <numbers>
+
+#include "sparsa/core/error.h"
+
+namespace sparsa::model {
+
+namespace {
+
+// Prefill runs in chunks of at most this many tokens, which bounds the activation workspace.
+constexpr int64_t kMaxChunk = 512;
+
+void to_f32(const io::TensorView& t, int64_t offset, int64_t n, float* out) {
+  switch (t.dtype) {
+    case DType::F32:
+      std::memcpy(out, t.data + offset * 4, static_cast<size_t>(n) * 4);
+      return;
+    case DType::BF16: {
+      const auto* p = reinterpret_cast<const uint16_t*>(t.data) + offset;
+      for (int64_t i = 0; i < n; ++i) out[i] = bf16_to_f32(p[i]);
+      return;
+    }
+    case DType::F16: {
+      const auto* p = reinterpret_cast<const uint16_t*>(t.data) + offset;
+      for (int64_t i = 0; i < n; ++i) out[i] = f16_to_f32(p[i]);
+      return;
+    }
+    default:
+      fail("{}: tensor '{}' has dtype {}; expected F32, F16 or BF16", t.file, t.name,
+           dtype_name(t.dtype));
+  }
+}
+
+void check_float_dtype(const io::TensorView& t) {
+  SPARSA_CHECK(t.dtype == DType::F32 || t.dtype == DType::F16 || t.dtype == DType::BF16,
+               "{}: tensor '{}' has dtype {}; expected F32, F16 or BF16", t.file, t.name,
+               dtype_name(t.dtype));
+}
+
+std::string shape_str(const std::vector<int64_t>& s) {
+  std::string r = "[";
+  for (size_t i = 0; i < s.size(); ++i) r += (i ? ", " : "") + std::to_string(s[i]);
+  return r + "]";
+}
+
+const io::TensorView& get_shaped(const io::Checkpoint& ck, const std::string& name,
+                                 const std::vector<int64_t>& shape) {
+  const io::TensorView& t = ck.get(name);
+  SPARSA_CHECK(t.shape == shape, "{}: tensor '{}' has shape {}; the config implies {}", t.file,
+               name, shape_str(t.shape), shape_str(shape));
+  check_float_dtype(t);
+  return t;
+}
+
+std::vector<float> load_vector(const io::Checkpoint& ck, const std::string& name, int64_t n) {
+  const io::TensorView& t = get_shaped(ck, name, {n});
+  std::vector<float> v(static_cast<size_t>(n));
+  to_f32(t, 0, n, v.data());
+  return v;
+}
+
+Linear load_linear(const io::Checkpoint& ck, const std::string& prefix, int64_t out, int64_t in,
+                   bool bias) {
+  Linear l;
+  l.name = prefix + ".weight";
+  const io::TensorView& w = get_shaped(ck, l.name, {out, in});
+  l.weight = kernels::DenseWeight{w.dtype, out, in, w.data};
+  if (bias) l.bias = load_vector(ck, prefix + ".bias", out);
+  return l;
+}
+
+void rms_norm(const float* x, const float* w, float eps, int64_t n, int64_t dim, float* out) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* xt = x + t * dim;
+    float* ot = out + t * dim;
+    double ss = 0;
+    for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(xt[i]) * xt[i];
+    const float r = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(dim) + eps));
+    for (int64_t i = 0; i < dim; ++i) ot[i] = w[i] * (xt[i] * r);
+  }
+}
+
+// Rotary embedding, rotate-half convention (HF Llama): the pair is (x[i], x[i + d/2]).
+void apply_rope(float* x, int64_t ld, int64_t n, int64_t heads, int64_t hd, const float* cos,
+                const float* sin) {
+  const int64_t half = hd / 2;
+  for (int64_t t = 0; t < n; ++t) {
+    const float* c = cos + t * half;
+    const float* s = sin + t * half;
+    for (int64_t h = 0; h < heads; ++h) {
+      float* v = x + t * ld + h * hd;
+      for (int64_t i = 0; i < half; ++i) {
+        const float a = v[i], b = v[i + half];
+        v[i] = a * c[i] - b * s[i];
+        v[i + half] = b * c[i] + a * s[i];
+      }
+    }
+  }
+}
+
+void add_bias(float* y, int64_t ld, int64_t n, const std::vector<float>& bias) {
+  if (bias.empty()) return;
+  for (int64_t t = 0; t < n; ++t)
+    for (size_t i = 0; i < bias.size(); ++i) y[t * ld + static_cast<int64_t>(i)] += bias[i];
+}
+
+}  // namespace
+
+std::vector<float> rope_inverse_frequencies(const io::ModelConfig& c) {
+  const int64_t half = c.head_dim / 2;
+  std::vector<float> inv(static_cast<size_t>(half));
+  for (int64_t i = 0; i < half; ++i) {
+    // HF computes base ** (arange(0, d, 2) / d) in f32.
+    const float e = static_cast<float>(2 * i) / static_cast<float>(c.head_dim);
+    inv[static_cast<size_t>(i)] = 1.0f / std::pow(static_cast<float>(c.rope_theta), e);
+  }
+  const io::RopeScaling& s = c.rope_scaling;
+  if (s.type == "linear") {
+    for (float& f : inv) f = static_cast<float>(f / s.factor);
+  } else if (s.type == "llama3") {
+    // Llama 3.1 frequency-dependent scaling (transformers' _compute_llama3_parameters).
+    const double old_ctx = static_cast<double>(s.original_max_position_embeddings);
+    const double low_wavelen = old_ctx / s.low_freq_factor;
+    const double high_wavelen = old_ctx / s.high_freq_factor;
+    for (float& f : inv) {
+      const double wavelen = 2 * std::numbers::pi / f;
+      if (wavelen < high_wavelen) continue;
+      if (wavelen > low_wavelen) {
+        f = static_cast<float>(f / s.factor);
+      } else {
+        const double smooth =
+            (old_ctx / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor);
+        f = static_cast<float>((1 - smooth) * f / s.factor + smooth * f);
+      }
+    }
+  }
+  return inv;
+}
+
+KvCache::KvCache(const io::ModelConfig& c, int64_t max_tokens) {
+  SPARSA_CHECK(max_tokens > 0, "KV cache size must be positive, got {}", max_tokens);
+  capacity_ = std::min(max_tokens, c.max_context());
+  row_ = c.num_kv_heads * c.head_dim;
+  k_.assign(static_cast<size_t>(c.num_layers),
+            std::vector<float>(static_cast<size_t>(capacity_ * row_)));
+  v_ = k_;
+}
+
+void KvCache::truncate(int64_t n) { size_ = std::clamp<int64_t>(n, 0, size_); }
+
+std::unique_ptr<Model> Model::load(const std::string& dir) {
+  std::unique_ptr<Model> m(new Model());
+  m->config_ = io::ModelConfig::from_dir(dir);
+  m->checkpoint_ = io::Checkpoint::open_dir(dir);
+  const io::ModelConfig& c = m->config_;
+  const io::Checkpoint& ck = m->checkpoint_;
+  const int64_t h = c.hidden_size, q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+  m->embed_ = get_shaped(ck, "model.embed_tokens.weight", {c.vocab_size, h});
+  m->blocks_.resize(static_cast<size_t>(c.num_layers));
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const std::string p = "model.layers." + std::to_string(l) + ".";
+    Block& b = m->blocks_[static_cast<size_t>(l)];
+    b.attn_norm = load_vector(ck, p + "input_layernorm.weight", h);
+    b.mlp_norm = load_vector(ck, p + "post_attention_layernorm.weight", h);
+    b.q = load_linear(ck, p + "self_attn.q_proj", q, h, c.attention_bias);
+    b.k = load_linear(ck, p + "self_attn.k_proj", kv, h, c.attention_bias);
+    b.v = load_linear(ck, p + "self_attn.v_proj", kv, h, c.attention_bias);
+    b.o = load_linear(ck, p + "self_attn.o_proj", h, q, c.o_bias);
+    b.gate = load_linear(ck, p + "mlp.gate_proj", c.intermediate_size, h, c.mlp_bias);
+    b.up = load_linear(ck, p + "mlp.up_proj", c.intermediate_size, h, c.mlp_bias);
+    b.down = load_linear(ck, p + "mlp.down_proj", h, c.intermediate_size, c.mlp_bias);
+  }
+  m->final_norm_ = load_vector(ck, "model.norm.weight", h);
+  if (c.tie_word_embeddings && ck.find("lm_head.weight") == nullptr) {
+    m->lm_head_.name = "model.embed_tokens.weight";
+    m->lm_head_.weight = kernels::DenseWeight{m->embed_.dtype, c.vocab_size, h, m->embed_.data};
+  } else {
+    m->lm_head_ = load_linear(ck, "lm_head", c.vocab_size, h, false);
+  }
+  m->rope_inv_freq_ = rope_inverse_frequencies(c);
+  return m;
+}
+
+size_t Model::weight_bytes_per_token() const {
+  auto bytes = [](const Linear& l) {
+    return static_cast<size_t>(l.weight.rows * l.weight.cols) * dtype_size(l.weight.dtype) +
+           l.bias.size() * sizeof(float);
+  };
+  size_t total = bytes(lm_head_) + static_cast<size_t>(config_.hidden_size) * dtype_size(embed_.dtype);
+  for (const Block& b : blocks_)
+    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) total += bytes(*l);
+  return total;
+}
+
+void Model::ensure_workspace(int64_t n) {
+  if (n <= ws_tokens_) return;
+  const auto& c = config_;
+  auto grow = [n](std::vector<float>& v, int64_t width) { v.resize(static_cast<size_t>(n * width)); };
+  grow(x_, c.hidden_size);
+  grow(xn_, c.hidden_size);
+  grow(q_, c.num_heads * c.head_dim);
+  grow(attn_, c.num_heads * c.head_dim);
+  grow(gate_, c.intermediate_size);
+  grow(up_, c.intermediate_size);
+  grow(cos_, c.head_dim / 2);
+  grow(sin_, c.head_dim / 2);
+  ws_tokens_ = n;
+}
+
+void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logits,
+                    bool all_logits, ThreadPool& pool) {
+  SPARSA_CHECK(!tokens.empty(), "forward: no tokens given");
+  SPARSA_CHECK(cache.size() + static_cast<int64_t>(tokens.size()) <= cache.capacity(),
+               "sequence of {} tokens does not fit in the context ({} tokens)",
+               cache.size() + static_cast<int64_t>(tokens.size()), cache.capacity());
+  for (int32_t id : tokens)
+    SPARSA_CHECK(id >= 0 && id < config_.vocab_size, "token id {} is outside the vocabulary ({})",
+                 id, config_.vocab_size);
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  for (int64_t begin = 0; begin < n; begin += kMaxChunk) {
+    const int64_t len = std::min(kMaxChunk, n - begin);
+    const bool last = begin + len == n;
+    float* out = all_logits ? logits + begin * config_.vocab_size : (last ? logits : nullptr);
+    forward_chunk(tokens.subspan(static_cast<size_t>(begin), static_cast<size_t>(len)), cache,
+                  out, all_logits, pool);
+  }
+}
+
+void Model::forward_chunk(std::span<const int32_t> tokens, KvCache& cache, float* logits,
+                          bool all_logits, ThreadPool& pool) {
+  const io::ModelConfig& c = config_;
+  const int64_t n = static_cast<int64_t>(tokens.size());
+  const int64_t pos0 = cache.size();
+  const int64_t h = c.hidden_size, hd = c.head_dim, half = hd / 2;
+  const int64_t qw = c.num_heads * hd, kvw = c.num_kv_heads * hd, ffn = c.intermediate_size;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  ensure_workspace(n);
+  float *x = x_.data(), *xn = xn_.data(), *q = q_.data(), *attn = attn_.data();
+  float *gate = gate_.data(), *up = up_.data();
+
+  for (int64_t t = 0; t < n; ++t) to_f32(embed_, tokens[static_cast<size_t>(t)] * h, h, x + t * h);
+  for (int64_t t = 0; t < n; ++t) {
+    // HF: freqs = position (f32) * inv_freq (f32), then cos/sin in f32.
+    const float pos = static_cast<float>(pos0 + t);
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = pos * rope_inv_freq_[static_cast<size_t>(i)];
+      cos_[static_cast<size_t>(t * half + i)] = std::cos(a);
+      sin_[static_cast<size_t>(t * half + i)] = std::sin(a);
+    }
+  }
+  auto run_linear = [&](int64_t layer, const char* tag, const Linear& l, const float* in,
+                        int64_t ldin, float* out, int64_t ldout) {
+    if (hook_) hook_(layer, tag, in, n);
+    kernels::linear(l.weight, in, ldin, n, out, ldout, pool);
+    add_bias(out, ldout, n, l.bias);
+  };
+
+  kernels::AttentionShape shape;
+  shape.n_q = n;
+  shape.pos0 = pos0;
+  shape.n_heads = static_cast<int>(c.num_heads);
+  shape.n_kv_heads = static_cast<int>(c.num_kv_heads);
+  shape.head_dim = static_cast<int>(hd);
+  shape.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+
+  for (int64_t l = 0; l < c.num_layers; ++l) {
+    const Block& b = blocks_[static_cast<size_t>(l)];
+    float* kc = cache.keys(l) + pos0 * kvw;
+    float* vc = cache.values(l) + pos0 * kvw;
+    rms_norm(x, b.attn_norm.data(), eps, n, h, xn);
+    run_linear(l, "q", b.q, xn, h, q, qw);
+    run_linear(l, "k", b.k, xn, h, kc, kvw);
+    run_linear(l, "v", b.v, xn, h, vc, kvw);
+    apply_rope(q, qw, n, c.num_heads, hd, cos_.data(), sin_.data());
+    apply_rope(kc, kvw, n, c.num_kv_heads, hd, cos_.data(), sin_.data());
+    kernels::attention(shape, q, qw, cache.keys(l), cache.values(l), kvw, attn, qw, pool);
+    run_linear(l, "o", b.o, attn, qw, xn, h);
+    for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];
+
+    rms_norm(x, b.mlp_norm.data(), eps, n, h, xn);
+    run_linear(l, "gate", b.gate, xn, h, gate, ffn);
+    run_linear(l, "up", b.up, xn, h, up, ffn);
+    pool.parallel_for(n * ffn, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const float g = gate[i];
+        gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+      }
+    });
+    run_linear(l, "down", b.down, gate, ffn, xn, h);
+    for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];
+  }
+  cache.advance(n);
+  if (logits == nullptr) return;
+  if (all_logits) {
+    rms_norm(x, final_norm_.data(), eps, n, h, xn);
+    kernels::linear(lm_head_.weight, xn, h, n, logits, c.vocab_size, pool);
+  } else {
+    rms_norm(x + (n - 1) * h, final_norm_.data(), eps, 1, h, xn);
+    kernels::linear(lm_head_.weight, xn, h, 1, logits, c.vocab_size, pool);
+  }
+}
+
+}  // namespace sparsa::model

@@ -1,0 +1,155 @@
+// End-to-end numerics against Hugging Face transformers (fp32) references: logits, greedy text
+// and perplexity, for the vendored tiny model and (from ../shared) the small one.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <nlohmann/json.hpp>
+
+#include "sparsa/core/mapped_file.h"
+#include "sparsa/io/safetensors.h"
+#include "sparsa/io/text_data.h"
+#include "sparsa/model/llama.h"
+#include "sparsa/runtime/generator.h"
+#include "sparsa/runtime/perplexity.h"
+#include "test_util.h"
+
+namespace sparsa {
+namespace {
+
+using nlohmann::json;
+
+struct Reference {
+  std::string model_dir;
+  json meta;
+  io::Checkpoint logits;
+};
+
+Reference load_reference(const std::string& name) {
+  Reference r;
+  std::string ref_dir;
+  if (name == "tiny") {
+    r.model_dir = testing::tiny_model_dir();
+    ref_dir = testing::fixtures_dir();
+  } else {
+    r.model_dir = testing::shared_dir() + "/models/" + name;
+    ref_dir = testing::shared_dir() + "/reference";
+  }
+  r.meta = json::parse(read_text_file(ref_dir + "/" + name + ".json"));
+  r.logits = io::Checkpoint::open_file(ref_dir + "/" + name + ".logits.safetensors");
+  return r;
+}
+
+void check_logits(const std::string& name) {
+  const Reference ref = load_reference(name);
+  auto model = model::Model::load(ref.model_dir);
+  ThreadPool pool(2);
+  const int64_t vocab = model->config().vocab_size;
+  ASSERT_GE(ref.meta["prompts"].size(), 6u);
+  for (const auto& p : ref.meta["prompts"]) {
+    const auto ids = p["ids"].get<std::vector<int32_t>>();
+    const auto& t = ref.logits.get(p["logits_tensor"].get<std::string>());
+    ASSERT_EQ(t.dtype, DType::F32);
+    ASSERT_EQ(t.shape, (std::vector<int64_t>{static_cast<int64_t>(ids.size()), vocab}));
+    model::KvCache cache(model->config(), static_cast<int64_t>(ids.size()));
+    std::vector<float> logits(ids.size() * static_cast<size_t>(vocab));
+    model->forward(ids, cache, logits.data(), true, pool);
+    const auto* expect = reinterpret_cast<const float*>(t.data);
+    double max_diff = 0;
+    for (size_t i = 0; i < logits.size(); ++i)
+      max_diff = std::max(max_diff, std::abs(static_cast<double>(logits[i]) - expect[i]));
+    EXPECT_LE(max_diff, 1e-3) << name << ": prompt " << p["text"];
+  }
+}
+
+void check_greedy(const std::string& name) {
+  const Reference ref = load_reference(name);
+  auto model = model::Model::load(ref.model_dir);
+  const Tokenizer tok = Tokenizer::from_file(ref.model_dir + "/tokenizer.json");
+  ThreadPool pool(2);
+  for (const auto& p : ref.meta["prompts"]) {
+    GenerateOptions opt;
+    opt.max_tokens = 32;
+    opt.stop_at_eos = false;
+    const auto r = generate_ids(*model, tok, p["ids"].get<std::vector<int32_t>>(), opt, pool);
+    EXPECT_EQ(r.ids, p["greedy_32"].get<std::vector<int32_t>>()) << name << ": " << p["text"];
+    EXPECT_EQ(r.text, p["greedy_text"].get<std::string>()) << name << ": " << p["text"];
+  }
+}
+
+void check_perplexity(const std::string& name, double expected) {
+  const Reference ref = load_reference(name);
+  EXPECT_NEAR(ref.meta["perplexity"]["valid"]["ppl"].get<double>(), expected, 1e-3);
+  auto model = model::Model::load(ref.model_dir);
+  const Tokenizer tok = Tokenizer::from_file(ref.model_dir + "/tokenizer.json");
+  ThreadPool pool(2);
+  const auto docs = io::read_documents(testing::shared_dir() + "/data/valid.jsonl");
+  const auto tokens = tokenize_corpus(tok, docs, model->config().eos_token_ids.at(0));
+  const auto r = perplexity(*model, tokens, 512, pool);
+  EXPECT_EQ(r.tokens_scored, ref.meta["perplexity"]["valid"]["tokens_scored"].get<int64_t>());
+  EXPECT_NEAR(r.ppl / expected, 1.0, 2e-4) << name << " ppl " << r.ppl;
+}
+
+TEST(ModelTiny, LogitsMatchReference) { check_logits("tiny"); }
+TEST(ModelTiny, GreedyMatchesReference) { check_greedy("tiny"); }
+
+TEST(ModelTiny, IncrementalDecodeEqualsFullForward) {
+  auto model = model::Model::load(testing::tiny_model_dir());
+  ThreadPool pool(2);
+  const std::vector<int32_t> ids = {0, 645, 838, 3757, 6198, 343, 201, 1351, 264, 2227};
+  const int64_t vocab = model->config().vocab_size;
+  std::vector<float> full(ids.size() * static_cast<size_t>(vocab));
+  model::KvCache c1(model->config(), 16);
+  model->forward(ids, c1, full.data(), true, pool);
+  model::KvCache c2(model->config(), 16);
+  std::vector<float> step(static_cast<size_t>(vocab));
+  model->forward(std::span(ids).first(3), c2, step.data(), false, pool);
+  for (size_t i = 3; i < ids.size(); ++i) {
+    model->forward(std::span(ids).subspan(i, 1), c2, step.data(), false, pool);
+    for (int64_t v = 0; v < vocab; ++v)
+      ASSERT_NEAR(step[static_cast<size_t>(v)], full[i * static_cast<size_t>(vocab) + static_cast<size_t>(v)], 1e-4)
+          << "position " << i;
+  }
+}
+
+TEST(ModelTiny, PromptLongerThanContextIsRejected) {
+  auto model = model::Model::load(testing::tiny_model_dir());
+  const Tokenizer tok = Tokenizer::from_file(testing::tiny_model_dir() + "/tokenizer.json");
+  ThreadPool pool(1);
+  std::string prompt;
+  for (int i = 0; i < 1100; ++i) prompt += " word";
+  try {
+    generate(*model, tok, prompt, {}, pool);
+    FAIL() << "expected an error";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("context is 1024 tokens"), std::string::npos) << e.what();
+  }
+  model::KvCache cache(model->config(), 4);
+  std::vector<float> logits(static_cast<size_t>(model->config().vocab_size));
+  const std::vector<int32_t> five = {0, 1, 2, 3, 4};
+  EXPECT_THROW(model->forward(five, cache, logits.data(), false, pool), Error);
+  const std::vector<int32_t> bad = {0, 9000};
+  EXPECT_THROW(model->forward(bad, cache, logits.data(), false, pool), Error);
+}
+
+TEST(ModelTiny, PerplexityMatchesReferenceSlow) {
+  SPARSA_REQUIRE_SHARED();
+  check_perplexity("tiny", 53.2255);
+}
+
+TEST(ModelSmall, LogitsMatchReference) {
+  SPARSA_REQUIRE_SHARED();
+  check_logits("small");
+}
+
+TEST(ModelSmall, GreedyMatchesReference) {
+  SPARSA_REQUIRE_SHARED();
+  check_greedy("small");
+}
+
+TEST(ModelSmall, PerplexityMatchesReferenceSlow) {
+  SPARSA_REQUIRE_SHARED();
+  check_perplexity("small", 14.7433);
+}
+
+}  // namespace
+}  // namespace sparsa
