@@ -18,14 +18,14 @@ namespace {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
-struct Run {
+struct CliRun {
   int code = -1;
   std::string out;  // stdout and stderr together
 };
 
-Run run(const std::string& args) {
+CliRun run(const std::string& args) {
   const std::string cmd = testing::cli_path() + " " + args + " 2>&1";
-  Run r;
+  CliRun r;
   FILE* p = ::popen(cmd.c_str(), "r");
   if (p == nullptr) return r;
   std::array<char, 4096> buf{};
@@ -65,7 +65,7 @@ class CliTest : public ::testing::Test {
 TEST_F(CliTest, GenerateStreamsTheReferenceGreedyText) {
   const json ref = json::parse(read_text_file(testing::fixtures_dir() + "/tiny.json"));
   const auto& p = ref["prompts"][0];
-  const Run r = run("generate " + quote(testing::tiny_model_dir()) + " -p " +
+  const CliRun r = run("generate " + quote(testing::tiny_model_dir()) + " -p " +
                     quote(p["text"].get<std::string>()) + " -n 32 --ignore-eos --threads 2");
   ASSERT_EQ(r.code, 0) << r.out;
   EXPECT_EQ(r.out.rfind(p["greedy_text"].get<std::string>() + "\n", 0), 0u) << r.out;
@@ -76,7 +76,7 @@ TEST_F(CliTest, GenerateJsonWithSamplingIsReproducible) {
   const std::string args = "generate " + quote(testing::tiny_model_dir()) +
                            " -p 'Memory barriers' -n 20 --temperature 0.8 --top-p 0.9 --top-k 40 "
                            "--seed 5 --json";
-  const Run a = run(args), b = run(args);
+  const CliRun a = run(args), b = run(args);
   ASSERT_EQ(a.code, 0) << a.out;
   const json ja = json::parse(a.out), jb = json::parse(b.out);
   EXPECT_EQ(ja["ids"], jb["ids"]);
@@ -88,7 +88,7 @@ TEST_F(CliTest, EvalPlainTextAndJsonLines) {
   std::string text;
   for (int i = 0; i < 40; ++i) text += "The kernel scheduler decides which task runs next. ";
   write(txt, text);
-  Run r = run("eval " + quote(testing::tiny_model_dir()) + " --data " + quote(txt.string()) +
+  CliRun r = run("eval " + quote(testing::tiny_model_dir()) + " --data " + quote(txt.string()) +
               " --ctx 64 --json");
   ASSERT_EQ(r.code, 0) << r.out;
   const json j = json::parse(r.out.substr(r.out.find('{')));
@@ -102,7 +102,7 @@ TEST_F(CliTest, EvalPlainTextAndJsonLines) {
 }
 
 TEST_F(CliTest, InspectListsTensors) {
-  const Run r = run("inspect " + quote(testing::tiny_model_dir()) + " --json");
+  const CliRun r = run("inspect " + quote(testing::tiny_model_dir()) + " --json");
   ASSERT_EQ(r.code, 0) << r.out;
   const json j = json::parse(r.out);
   EXPECT_EQ(j["architecture"], "llama");
@@ -112,7 +112,7 @@ TEST_F(CliTest, InspectListsTensors) {
 }
 
 TEST_F(CliTest, BenchReportsTheContractKeys) {
-  const Run r = run("bench " + quote(testing::tiny_model_dir()) +
+  const CliRun r = run("bench " + quote(testing::tiny_model_dir()) +
                     " --threads 2 --prompt-tokens 16 --decode-tokens 4 --repetitions 1 "
                     "--bandwidth-mb 64 --json");
   ASSERT_EQ(r.code, 0) << r.out;
@@ -128,7 +128,7 @@ TEST_F(CliTest, BenchReportsTheContractKeys) {
 
 TEST_F(CliTest, InitRandomWritesALoadableCheckpoint) {
   const std::string out = (dir_ / "rand").string();
-  Run r = run("init-random --hidden 64 --layers 2 --heads 4 --kv-heads 2 --ffn 96 --vocab 300 "
+  CliRun r = run("init-random --hidden 64 --layers 2 --heads 4 --kv-heads 2 --ffn 96 --vocab 300 "
               "--context 128 -o " + quote(out));
   ASSERT_EQ(r.code, 0) << r.out;
   r = run("inspect " + quote(out) + " --json");
@@ -150,7 +150,7 @@ TEST_F(CliTest, UnknownArchitecture) {
   std::string cfg = read_text_file(m + "/config.json");
   cfg.replace(cfg.find("\"llama\""), 7, "\"falcon\"");
   write(fs::path(m) / "config.json", cfg);
-  const Run r = run("generate " + quote(m) + " -p hi");
+  const CliRun r = run("generate " + quote(m) + " -p hi");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.out.find("config.json: unknown architecture 'falcon'"), std::string::npos) << r.out;
 }
@@ -158,7 +158,7 @@ TEST_F(CliTest, UnknownArchitecture) {
 TEST_F(CliTest, MalformedConfigJson) {
   const std::string m = copy_tiny();
   write(fs::path(m) / "config.json", "{\"model_type\": \"llama\",");
-  const Run r = run("inspect " + quote(m));
+  const CliRun r = run("inspect " + quote(m));
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.out.find("config.json: malformed JSON"), std::string::npos) << r.out;
 }
@@ -166,7 +166,7 @@ TEST_F(CliTest, MalformedConfigJson) {
 TEST_F(CliTest, MalformedTokenizerJson) {
   const std::string m = copy_tiny();
   write(fs::path(m) / "tokenizer.json", "[1, 2");
-  const Run r = run("generate " + quote(m) + " -p hi");
+  const CliRun r = run("generate " + quote(m) + " -p hi");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.out.find("tokenizer.json"), std::string::npos) << r.out;
 }
@@ -174,7 +174,7 @@ TEST_F(CliTest, MalformedTokenizerJson) {
 TEST_F(CliTest, TruncatedWeights) {
   const std::string m = copy_tiny();
   fs::resize_file(fs::path(m) / "model.safetensors", 3'000'000);
-  const Run r = run("generate " + quote(m) + " -p hi");
+  const CliRun r = run("generate " + quote(m) + " -p hi");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.out.find("model.safetensors"), std::string::npos) << r.out;
 }
@@ -184,7 +184,7 @@ TEST_F(CliTest, MissingTensorAndWrongShape) {
   std::string cfg = read_text_file(m + "/config.json");
   cfg.replace(cfg.find("\"num_hidden_layers\": 2"), 22, "\"num_hidden_layers\": 3");
   write(fs::path(m) / "config.json", cfg);
-  Run r = run("generate " + quote(m) + " -p hi");
+  CliRun r = run("generate " + quote(m) + " -p hi");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.out.find("model.layers.2.input_layernorm.weight"), std::string::npos) << r.out;
   cfg.replace(cfg.find("\"num_hidden_layers\": 3"), 22, "\"num_hidden_layers\": 2");
@@ -202,7 +202,7 @@ TEST_F(CliTest, MissingShard) {
   write(fs::path(m) / "model.safetensors.index.json",
         R"({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors",
                            "lm_head.weight": "model-00002-of-00002.safetensors"}})");
-  const Run r = run("inspect " + quote(m));
+  const CliRun r = run("inspect " + quote(m));
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.out.find("model-00002-of-00002.safetensors"), std::string::npos) << r.out;
 }
@@ -210,13 +210,13 @@ TEST_F(CliTest, MissingShard) {
 TEST_F(CliTest, PromptLongerThanContext) {
   std::string prompt;
   for (int i = 0; i < 1100; ++i) prompt += " word";
-  const Run r = run("generate " + quote(testing::tiny_model_dir()) + " -p " + quote(prompt));
+  const CliRun r = run("generate " + quote(testing::tiny_model_dir()) + " -p " + quote(prompt));
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.out.find("but the model's context is 1024 tokens"), std::string::npos) << r.out;
 }
 
 TEST_F(CliTest, MissingModelDirectoryAndBadOptions) {
-  Run r = run("generate /nonexistent/model -p hi");
+  CliRun r = run("generate /nonexistent/model -p hi");
   EXPECT_EQ(r.code, 1);
   EXPECT_NE(r.out.find("/nonexistent/model: not a model directory"), std::string::npos) << r.out;
   r = run("generate " + quote(testing::tiny_model_dir()) + " -p hi --top-p 0");

@@ -84,7 +84,7 @@ int cmd_generate(const GenerateArgs& a) {
                      .dump()
               << "\n";
   } else {
-    std::cout << "\n";
+    std::cout << "\n" << std::flush;
     std::fprintf(stderr, "[%zu prompt tokens in %.3f s; %zu tokens at %.2f tokens/s; %s]\n",
                  r.prompt_ids.size(), r.prefill_seconds, r.ids.size(), decode_tps,
                  r.finish_reason.c_str());

@@ -8,6 +8,13 @@
 //   sparsa::StreamDecoder stream(tok);                           // incremental, UTF-8 safe
 //   for (int32_t id : generated) std::cout << stream.push(id);
 //   std::cout << stream.flush();
+//
+// Ids match Hugging Face `tokenizers` for the parts it reads: the BPE model (merges as pairs or
+// as "a b" strings, ignore_merges, unk_token, byte_fallback), added tokens (lstrip, rstrip,
+// single_word), the pre-tokenizers ByteLevel, Split, Digits and Sequence, a null normalizer,
+// the TemplateProcessing and ByteLevel post-processors and the ByteLevel decoder. Any other
+// component is refused at load time with an error naming its field. Text that is not valid UTF-8
+// is encoded byte for byte rather than refused.
 #pragma once
 
 #include <cstdint>
@@ -38,6 +45,9 @@ class Tokenizer {
   /// The raw bytes one token stands for (special tokens: their content).
   std::string token_bytes(int32_t id) const;
   bool is_special(int32_t id) const;
+  /// Whether `id` names a token; decode() skips ids that do not (e.g. padding rows of a model's
+  /// embedding beyond the tokenizer's vocabulary).
+  bool has_id(int32_t id) const;
   std::optional<int32_t> token_to_id(std::string_view token) const;
   int32_t vocab_size() const;
   /// The BOS id the post-processor adds, if any.
