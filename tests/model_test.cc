@@ -5,6 +5,7 @@
 #include <cmath>
 #include <nlohmann/json.hpp>
 
+#include "sparsa/core/error.h"
 #include "sparsa/core/mapped_file.h"
 #include "sparsa/io/safetensors.h"
 #include "sparsa/io/text_data.h"

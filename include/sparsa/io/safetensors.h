@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "sparsa/core/dtype.h"
+#include "sparsa/core/error.h"  // what open() and get() throw
 #include "sparsa/core/mapped_file.h"
 
 namespace sparsa::io {
@@ -49,6 +50,8 @@ class SafetensorsFile {
   /// nullptr when absent.
   const TensorView* find(const std::string& name) const;
   const std::map<std::string, std::string>& metadata() const { return metadata_; }
+  /// The mapping every TensorView::data points into.
+  const MappedFile& mapping() const { return *file_; }
 
  private:
   std::shared_ptr<MappedFile> file_;
