@@ -73,6 +73,8 @@ Linear load_linear(const io::Checkpoint& ck, const std::string& prefix, int64_t 
   return l;
 }
 
+}  // namespace
+
 void rms_norm(const float* x, const float* w, float eps, int64_t n, int64_t dim, float* out) {
   for (int64_t t = 0; t < n; ++t) {
     const float* xt = x + t * dim;
@@ -83,6 +85,8 @@ void rms_norm(const float* x, const float* w, float eps, int64_t n, int64_t dim,
     for (int64_t i = 0; i < dim; ++i) ot[i] = w[i] * (xt[i] * r);
   }
 }
+
+namespace {
 
 // Rotary embedding, rotate-half convention (HF Llama): the pair is (x[i], x[i + d/2]).
 void apply_rope(float* x, int64_t ld, int64_t n, int64_t heads, int64_t hd, const float* cos,
@@ -196,19 +200,75 @@ size_t Model::weight_bytes_per_token() const {
   return total;
 }
 
-void Model::ensure_workspace(int64_t n) {
-  if (n <= ws_tokens_) return;
-  const auto& c = config_;
+void BlockWorkspace::reserve(const io::ModelConfig& c, int64_t n) {
+  if (n <= tokens) return;
   auto grow = [n](std::vector<float>& v, int64_t width) { v.resize(static_cast<size_t>(n * width)); };
-  grow(x_, c.hidden_size);
-  grow(xn_, c.hidden_size);
-  grow(q_, c.num_heads * c.head_dim);
-  grow(attn_, c.num_heads * c.head_dim);
-  grow(gate_, c.intermediate_size);
-  grow(up_, c.intermediate_size);
-  grow(cos_, c.head_dim / 2);
-  grow(sin_, c.head_dim / 2);
-  ws_tokens_ = n;
+  grow(xn, c.hidden_size);
+  grow(q, c.num_heads * c.head_dim);
+  grow(attn, c.num_heads * c.head_dim);
+  grow(gate, c.intermediate_size);
+  grow(up, c.intermediate_size);
+  grow(cos, c.head_dim / 2);
+  grow(sin, c.head_dim / 2);
+  tokens = n;
+}
+
+void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
+                   const std::vector<float>& inv_freq, float* x, int64_t n, int64_t pos0,
+                   float* k_cache, float* v_cache, BlockWorkspace& ws,
+                   const LinearInputHook& hook, ThreadPool& pool) {
+  const int64_t h = c.hidden_size, hd = c.head_dim, half = hd / 2;
+  const int64_t qw = c.num_heads * hd, kvw = c.num_kv_heads * hd, ffn = c.intermediate_size;
+  const float eps = static_cast<float>(c.rms_norm_eps);
+  ws.reserve(c, n);
+  float *xn = ws.xn.data(), *q = ws.q.data(), *attn = ws.attn.data();
+  float *gate = ws.gate.data(), *up = ws.up.data();
+  for (int64_t t = 0; t < n; ++t) {
+    // HF: freqs = position (f32) * inv_freq (f32), then cos/sin in f32.
+    const float pos = static_cast<float>(pos0 + t);
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = pos * inv_freq[static_cast<size_t>(i)];
+      ws.cos[static_cast<size_t>(t * half + i)] = std::cos(a);
+      ws.sin[static_cast<size_t>(t * half + i)] = std::sin(a);
+    }
+  }
+  auto run_linear = [&](const char* tag, const Linear& l, const float* in, int64_t ldin,
+                        float* out, int64_t ldout) {
+    if (hook) hook(layer, tag, in, n);
+    kernels::linear(l.weight, in, ldin, n, out, ldout, pool);
+    add_bias(out, ldout, n, l.bias);
+  };
+  kernels::AttentionShape shape;
+  shape.n_q = n;
+  shape.pos0 = pos0;
+  shape.n_heads = static_cast<int>(c.num_heads);
+  shape.n_kv_heads = static_cast<int>(c.num_kv_heads);
+  shape.head_dim = static_cast<int>(hd);
+  shape.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+
+  float* kc = k_cache + pos0 * kvw;
+  float* vc = v_cache + pos0 * kvw;
+  rms_norm(x, b.attn_norm.data(), eps, n, h, xn);
+  run_linear("q", b.q, xn, h, q, qw);
+  run_linear("k", b.k, xn, h, kc, kvw);
+  run_linear("v", b.v, xn, h, vc, kvw);
+  apply_rope(q, qw, n, c.num_heads, hd, ws.cos.data(), ws.sin.data());
+  apply_rope(kc, kvw, n, c.num_kv_heads, hd, ws.cos.data(), ws.sin.data());
+  kernels::attention(shape, q, qw, k_cache, v_cache, kvw, attn, qw, pool);
+  run_linear("o", b.o, attn, qw, xn, h);
+  for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];
+
+  rms_norm(x, b.mlp_norm.data(), eps, n, h, xn);
+  run_linear("gate", b.gate, xn, h, gate, ffn);
+  run_linear("up", b.up, xn, h, up, ffn);
+  pool.parallel_for(n * ffn, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float g = gate[i];
+      gate[i] = g / (1.0f + std::exp(-g)) * up[i];
+    }
+  });
+  run_linear("down", b.down, gate, ffn, xn, h);
+  for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];
 }
 
 void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logits,
@@ -234,67 +294,18 @@ void Model::forward_chunk(std::span<const int32_t> tokens, KvCache& cache, float
                           bool all_logits, ThreadPool& pool) {
   const io::ModelConfig& c = config_;
   const int64_t n = static_cast<int64_t>(tokens.size());
-  const int64_t pos0 = cache.size();
-  const int64_t h = c.hidden_size, hd = c.head_dim, half = hd / 2;
-  const int64_t qw = c.num_heads * hd, kvw = c.num_kv_heads * hd, ffn = c.intermediate_size;
+  const int64_t h = c.hidden_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
-  ensure_workspace(n);
-  float *x = x_.data(), *xn = xn_.data(), *q = q_.data(), *attn = attn_.data();
-  float *gate = gate_.data(), *up = up_.data();
-
+  if (static_cast<int64_t>(x_.size()) < n * h) x_.resize(static_cast<size_t>(n * h));
+  ws_.reserve(c, n);
+  float* x = x_.data();
   for (int64_t t = 0; t < n; ++t) to_f32(embed_, tokens[static_cast<size_t>(t)] * h, h, x + t * h);
-  for (int64_t t = 0; t < n; ++t) {
-    // HF: freqs = position (f32) * inv_freq (f32), then cos/sin in f32.
-    const float pos = static_cast<float>(pos0 + t);
-    for (int64_t i = 0; i < half; ++i) {
-      const float a = pos * rope_inv_freq_[static_cast<size_t>(i)];
-      cos_[static_cast<size_t>(t * half + i)] = std::cos(a);
-      sin_[static_cast<size_t>(t * half + i)] = std::sin(a);
-    }
-  }
-  auto run_linear = [&](int64_t layer, const char* tag, const Linear& l, const float* in,
-                        int64_t ldin, float* out, int64_t ldout) {
-    if (hook_) hook_(layer, tag, in, n);
-    kernels::linear(l.weight, in, ldin, n, out, ldout, pool);
-    add_bias(out, ldout, n, l.bias);
-  };
-
-  kernels::AttentionShape shape;
-  shape.n_q = n;
-  shape.pos0 = pos0;
-  shape.n_heads = static_cast<int>(c.num_heads);
-  shape.n_kv_heads = static_cast<int>(c.num_kv_heads);
-  shape.head_dim = static_cast<int>(hd);
-  shape.scale = 1.0f / std::sqrt(static_cast<float>(hd));
-
-  for (int64_t l = 0; l < c.num_layers; ++l) {
-    const Block& b = blocks_[static_cast<size_t>(l)];
-    float* kc = cache.keys(l) + pos0 * kvw;
-    float* vc = cache.values(l) + pos0 * kvw;
-    rms_norm(x, b.attn_norm.data(), eps, n, h, xn);
-    run_linear(l, "q", b.q, xn, h, q, qw);
-    run_linear(l, "k", b.k, xn, h, kc, kvw);
-    run_linear(l, "v", b.v, xn, h, vc, kvw);
-    apply_rope(q, qw, n, c.num_heads, hd, cos_.data(), sin_.data());
-    apply_rope(kc, kvw, n, c.num_kv_heads, hd, cos_.data(), sin_.data());
-    kernels::attention(shape, q, qw, cache.keys(l), cache.values(l), kvw, attn, qw, pool);
-    run_linear(l, "o", b.o, attn, qw, xn, h);
-    for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];
-
-    rms_norm(x, b.mlp_norm.data(), eps, n, h, xn);
-    run_linear(l, "gate", b.gate, xn, h, gate, ffn);
-    run_linear(l, "up", b.up, xn, h, up, ffn);
-    pool.parallel_for(n * ffn, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const float g = gate[i];
-        gate[i] = g / (1.0f + std::exp(-g)) * up[i];
-      }
-    });
-    run_linear(l, "down", b.down, gate, ffn, xn, h);
-    for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];
-  }
+  for (int64_t l = 0; l < c.num_layers; ++l)
+    block_forward(c, blocks_[static_cast<size_t>(l)], l, rope_inv_freq_, x, n, cache.size(),
+                  cache.keys(l), cache.values(l), ws_, hook_, pool);
   cache.advance(n);
   if (logits == nullptr) return;
+  float* xn = ws_.xn.data();
   if (all_logits) {
     rms_norm(x, final_norm_.data(), eps, n, h, xn);
     kernels::linear(lm_head_.weight, xn, h, n, logits, c.vocab_size, pool);

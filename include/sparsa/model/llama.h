@@ -63,6 +63,25 @@ struct Block {
 using LinearInputHook =
     std::function<void(int64_t layer, const char* linear, const float* x, int64_t n_tokens)>;
 
+/// Activations of one block over a chunk of tokens; grown on demand, reused across calls.
+struct BlockWorkspace {
+  int64_t tokens = 0;
+  std::vector<float> xn, q, attn, gate, up, cos, sin;
+  void reserve(const io::ModelConfig& config, int64_t n_tokens);
+};
+
+/// One decoder block over `n` tokens at positions pos0 .. pos0 + n - 1: x [n, hidden] is updated
+/// in place (both residual branches); the block's keys and values are written to rows pos0 ..
+/// of k_cache / v_cache ([>= pos0 + n, n_kv_heads * head_dim]), which must already hold rows
+/// 0 .. pos0 - 1. `hook` (may be empty) sees every linear layer's input.
+void block_forward(const io::ModelConfig& config, const Block& block, int64_t layer,
+                   const std::vector<float>& rope_inv_freq, float* x, int64_t n, int64_t pos0,
+                   float* k_cache, float* v_cache, BlockWorkspace& ws,
+                   const LinearInputHook& hook, ThreadPool& pool);
+
+/// RMSNorm over rows: out[t] = w * x[t] / sqrt(mean(x[t]²) + eps), x and out [n, dim].
+void rms_norm(const float* x, const float* w, float eps, int64_t n, int64_t dim, float* out);
+
 class Model {
  public:
   /// Loads DIR (config.json + safetensors). Weights stay in the mmapped files; only norms and
@@ -87,7 +106,6 @@ class Model {
   Model() = default;
   void forward_chunk(std::span<const int32_t> tokens, KvCache& cache, float* logits,
                      bool all_logits, ThreadPool& pool);
-  void ensure_workspace(int64_t n_tokens);
 
   io::ModelConfig config_;
   io::Checkpoint checkpoint_;
@@ -99,8 +117,8 @@ class Model {
   LinearInputHook hook_;
 
   // Activations of one chunk; grown once, reused by every call (no allocation while decoding).
-  int64_t ws_tokens_ = 0;
-  std::vector<float> x_, xn_, q_, attn_, gate_, up_, cos_, sin_;
+  std::vector<float> x_;
+  BlockWorkspace ws_;
 };
 
 /// Inverse frequencies of rotary embeddings after rope scaling (HF's rope init functions).
