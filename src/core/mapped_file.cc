@@ -61,9 +61,11 @@ void write_file_atomic(const std::string& path, const void* bytes, size_t n) {
   namespace fs = std::filesystem;
   const fs::path target(path);
   const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
-  const std::string tmp = (dir / ("." + target.filename().string() + ".tmp" +
-                                  std::to_string(::getpid())))
-                              .string();
+  std::string tmp_name = ".";
+  tmp_name += target.filename().string();
+  tmp_name += ".tmp";
+  tmp_name += std::to_string(::getpid());
+  const std::string tmp = (dir / tmp_name).string();
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   SPARSA_CHECK(fd >= 0, "{}: cannot create: {}", tmp, std::strerror(errno));
   const auto* p = static_cast<const uint8_t*>(bytes);

@@ -33,17 +33,24 @@ ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
     stop_ = true;
-    generation_.fetch_add(1, std::memory_order_release);
+    state_.store((generation_ + 1) << 32, std::memory_order_release);
   }
   wake_.notify_all();
   for (auto& t : workers_) t.join();
 }
 
-void ThreadPool::drain() {
-  for (;;) {
-    const int64_t t = next_task_.fetch_add(1, std::memory_order_relaxed);
-    if (t >= n_tasks_) break;
-    fn_(ctx_, t);
+void ThreadPool::drain(uint64_t gen, TaskFn fn, void* ctx, int64_t n_tasks, bool is_worker) {
+  uint64_t s = state_.load(std::memory_order_relaxed);
+  while ((s >> 32) == gen && static_cast<int64_t>(s & 0xffffffffu) < n_tasks) {
+    if (!state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel,
+                                      std::memory_order_relaxed))
+      continue;
+    fn(ctx, static_cast<int64_t>(s & 0xffffffffu));
+    if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_tasks && is_worker) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      done_cv_.notify_one();
+    }
+    s = state_.load(std::memory_order_relaxed);
   }
 }
 
@@ -53,23 +60,43 @@ void ThreadPool::run_impl(int64_t n_tasks, TaskFn fn, void* ctx) {
     for (int64_t t = 0; t < n_tasks; ++t) fn(ctx, t);
     return;
   }
+  // Tasks are counted in 32 bits of state_; larger jobs run as batches.
+  constexpr int64_t kMaxTasks = int64_t{1} << 31;
+  if (n_tasks > kMaxTasks) {
+    struct Batch {
+      TaskFn fn;
+      void* ctx;
+      int64_t base;
+    };
+    for (int64_t base = 0; base < n_tasks; base += kMaxTasks) {
+      Batch b{fn, ctx, base};
+      run_impl(std::min(kMaxTasks, n_tasks - base),
+               [](void* c, int64_t t) {
+                 auto* b = static_cast<Batch*>(c);
+                 b->fn(b->ctx, b->base + t);
+               },
+               &b);
+    }
+    return;
+  }
+  const uint64_t gen = ++generation_ & 0xffffffffu;
+  fn_.store(fn, std::memory_order_relaxed);
+  ctx_.store(ctx, std::memory_order_relaxed);
+  n_tasks_.store(n_tasks, std::memory_order_relaxed);
+  done_.store(0, std::memory_order_relaxed);
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    n_tasks_ = n_tasks;
-    fn_ = fn;
-    ctx_ = ctx;
-    next_task_.store(0, std::memory_order_relaxed);
-    active_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
-    generation_.fetch_add(1, std::memory_order_release);
+    state_.store(gen << 32, std::memory_order_release);
   }
   wake_.notify_all();
-  drain();
-  // Wait for the workers to finish their last task: spin briefly, then sleep.
+  drain(gen, fn, ctx, n_tasks, false);
+  // Wait until every task has completed (not for every worker to have woken: a worker that is
+  // slow to wake simply finds nothing left to claim). Spin briefly, then sleep.
   const auto deadline = std::chrono::steady_clock::now() + kSpin;
-  while (active_.load(std::memory_order_acquire) != 0) {
+  while (done_.load(std::memory_order_acquire) != n_tasks) {
     if (std::chrono::steady_clock::now() > deadline) {
       std::unique_lock<std::mutex> lock(mutex_);
-      done_cv_.wait(lock, [&] { return active_.load(std::memory_order_acquire) == 0; });
+      done_cv_.wait(lock, [&] { return done_.load(std::memory_order_acquire) == n_tasks; });
       break;
     }
     SPARSA_PAUSE();
@@ -80,20 +107,20 @@ void ThreadPool::worker_loop() {
   uint64_t seen = 0;
   for (;;) {
     const auto deadline = std::chrono::steady_clock::now() + kSpin;
-    while (generation_.load(std::memory_order_acquire) == seen &&
+    while ((state_.load(std::memory_order_acquire) >> 32) == seen &&
            std::chrono::steady_clock::now() < deadline)
       SPARSA_PAUSE();
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-      seen = generation_.load(std::memory_order_acquire);
+      wake_.wait(lock, [&] { return (state_.load(std::memory_order_acquire) >> 32) != seen; });
       if (stop_) return;
+      seen = state_.load(std::memory_order_acquire) >> 32;
     }
-    drain();
-    if (active_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-      std::lock_guard<std::mutex> lock(mutex_);
-      done_cv_.notify_one();
-    }
+    // The job's fields are those of generation `seen` or a later one; a claim succeeds only
+    // while the generation is still `seen`, and the caller cannot publish a new job before
+    // every claimed task of this one has completed, so a successful claim saw this job's fields.
+    drain(seen, fn_.load(std::memory_order_relaxed), ctx_.load(std::memory_order_relaxed),
+          n_tasks_.load(std::memory_order_relaxed), true);
   }
 }
 

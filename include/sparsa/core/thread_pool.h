@@ -55,19 +55,23 @@ class ThreadPool {
   using TaskFn = void (*)(void*, int64_t);
   void run_impl(int64_t n_tasks, TaskFn fn, void* ctx);
   void worker_loop();
-  void drain();
+  /// Claims and runs tasks of generation `gen` until none is left.
+  void drain(uint64_t gen, TaskFn fn, void* ctx, int64_t n_tasks, bool is_worker);
 
   int n_threads_ = 1;
   std::vector<std::thread> workers_;
   std::mutex mutex_;
   std::condition_variable wake_;
   std::condition_variable done_cv_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int64_t> next_task_{0};
-  std::atomic<int> active_{0};
-  int64_t n_tasks_ = 0;
-  TaskFn fn_ = nullptr;
-  void* ctx_ = nullptr;
+  // The job's generation (high 32 bits) and the next unclaimed task (low 32 bits). A task is
+  // claimed by a compare-and-swap that also checks the generation, so a worker that wakes late
+  // never runs a task of a job that has already finished.
+  std::atomic<uint64_t> state_{0};
+  std::atomic<int64_t> done_{0};
+  std::atomic<int64_t> n_tasks_{0};
+  std::atomic<TaskFn> fn_{nullptr};
+  std::atomic<void*> ctx_{nullptr};
+  uint64_t generation_ = 0;  // the caller's copy
   bool stop_ = false;
 };
 

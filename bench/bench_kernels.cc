@@ -1,0 +1,191 @@
+// Micro-benchmarks of the CPU kernels, with the roofline each is measured against:
+//   - decode matvec (1 token): bytes of weights streamed per second, and that as a fraction of
+//     the read bandwidth probed just before (counter frac_bw); the weights cycle through copies
+//     larger than the L3 cache, as a model's layers do;
+//   - prefill GEMM and attention: FLOP/s (counter flops), against 2 FMA · 8 lanes · 2 per cycle
+//     per core;
+//   - the read-bandwidth probe itself (counter bw).
+// Threads: SPARSA_BENCH_THREADS (default 2). ISA: SPARSA_FORCE_ISA.
+//   bench_kernels --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "sparsa/core/cpu.h"
+#include "sparsa/core/dtype.h"
+#include "sparsa/core/thread_pool.h"
+#include "sparsa/kernels/linear.h"
+
+namespace sparsa::kernels {
+namespace {
+
+// Decode weights cycle through this many bytes of copies, 8× a 32 MiB L3.
+constexpr size_t kStreamBytes = size_t{256} << 20;
+
+ThreadPool& pool() {
+  static ThreadPool p([] {
+    const char* env = std::getenv("SPARSA_BENCH_THREADS");
+    return env != nullptr ? std::atoi(env) : 2;
+  }());
+  return p;
+}
+
+// The roofline of decode, probed just before each decode benchmark: the memory bandwidth of a
+// shared host changes over seconds (here between about 30 and 60 GB/s), so a probe taken once
+// would not describe the state a later measurement ran in.
+double read_bandwidth() { return measure_read_bandwidth(pool(), kStreamBytes, 3); }
+
+std::vector<float> random_floats(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& f : v) f = dist(rng);
+  return v;
+}
+
+// `copies` weight matrices [rows, cols] of one dtype in one buffer.
+struct Weights {
+  std::vector<uint8_t> bytes;
+  std::vector<DenseWeight> mats;
+
+  Weights(DType dtype, int64_t rows, int64_t cols, size_t copies) {
+    const size_t n = static_cast<size_t>(rows * cols), es = dtype_size(dtype);
+    bytes.resize(n * es * copies);
+    const std::vector<float> src = random_floats(n, 1);
+    for (size_t c = 0; c < copies; ++c) {
+      uint8_t* base = bytes.data() + c * n * es;
+      for (size_t i = 0; i < n; ++i) {
+        if (dtype == DType::F32) {
+          reinterpret_cast<float*>(base)[i] = src[i];
+        } else {
+          reinterpret_cast<uint16_t*>(base)[i] =
+              dtype == DType::BF16 ? f32_to_bf16(src[i]) : f32_to_f16(src[i]);
+        }
+      }
+      mats.push_back({dtype, rows, cols, base});
+    }
+  }
+};
+
+template <DType D>
+void BM_Decode(benchmark::State& state) {
+  const int64_t rows = state.range(0), cols = state.range(1), n = state.range(2);
+  const size_t mat_bytes = static_cast<size_t>(rows * cols) * dtype_size(D);
+  const size_t copies = std::max<size_t>(1, (kStreamBytes + mat_bytes - 1) / mat_bytes);
+  const Weights w(D, rows, cols, copies);
+  const std::vector<float> x = random_floats(static_cast<size_t>(n * cols), 2);
+  std::vector<float> y(static_cast<size_t>(n * rows));
+  const double bw = read_bandwidth();
+  size_t i = 0;
+  for (auto _ : state) {
+    linear(w.mats[i], x.data(), cols, n, y.data(), rows, pool());
+    if (++i == copies) i = 0;
+    benchmark::DoNotOptimize(y.data());
+  }
+  const double bytes = static_cast<double>(state.iterations()) * static_cast<double>(mat_bytes);
+  state.SetBytesProcessed(static_cast<int64_t>(bytes));
+  state.counters["frac_bw"] = benchmark::Counter(bytes / bw, benchmark::Counter::kIsRate);
+  state.counters["flops"] = benchmark::Counter(
+      2.0 * static_cast<double>(state.iterations() * rows * cols * n), benchmark::Counter::kIsRate);
+}
+
+template <DType D>
+void BM_Prefill(benchmark::State& state) {
+  const int64_t rows = state.range(0), cols = state.range(1), n = state.range(2);
+  const Weights w(D, rows, cols, 1);
+  const std::vector<float> x = random_floats(static_cast<size_t>(n * cols), 2);
+  std::vector<float> y(static_cast<size_t>(n * rows));
+  for (auto _ : state) {
+    linear(w.mats[0], x.data(), cols, n, y.data(), rows, pool());
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.counters["flops"] = benchmark::Counter(
+      2.0 * static_cast<double>(state.iterations() * rows * cols * n), benchmark::Counter::kIsRate);
+}
+
+// Args: n_heads, n_kv_heads, head_dim, n_q, pos0.
+void BM_Attention(benchmark::State& state) {
+  AttentionShape s;
+  s.n_heads = static_cast<int>(state.range(0));
+  s.n_kv_heads = static_cast<int>(state.range(1));
+  s.head_dim = static_cast<int>(state.range(2));
+  s.n_q = state.range(3);
+  s.pos0 = state.range(4);
+  s.scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
+  const int64_t qw = int64_t{s.n_heads} * s.head_dim, kvw = int64_t{s.n_kv_heads} * s.head_dim;
+  const int64_t n_keys = s.pos0 + s.n_q;
+  const auto q = random_floats(static_cast<size_t>(s.n_q * qw), 1);
+  const auto k = random_floats(static_cast<size_t>(n_keys * kvw), 2);
+  const auto v = random_floats(static_cast<size_t>(n_keys * kvw), 3);
+  std::vector<float> out(static_cast<size_t>(s.n_q * qw));
+  for (auto _ : state) {
+    attention(s, q.data(), qw, k.data(), v.data(), kvw, out.data(), qw, pool());
+    benchmark::DoNotOptimize(out.data());
+  }
+  // Useful work only: q·k and p·v over each query's causal prefix.
+  double pairs = 0.0;
+  for (int64_t i = 0; i < s.n_q; ++i) pairs += static_cast<double>(s.pos0 + i + 1);
+  const double it = static_cast<double>(state.iterations());
+  state.counters["flops"] =
+      benchmark::Counter(4.0 * pairs * static_cast<double>(qw) * it, benchmark::Counter::kIsRate);
+  state.SetBytesProcessed(static_cast<int64_t>(2.0 * n_keys * kvw * sizeof(float) * it));
+}
+
+void BM_ReadBandwidth(benchmark::State& state) {
+  double bw = 0.0;
+  for (auto _ : state) bw = std::max(bw, measure_read_bandwidth(pool(), size_t{1} << 30, 3));
+  state.counters["bw"] = bw;
+  state.counters["threads"] = pool().size();
+  state.SetLabel(std::string(isa_name(active_isa())));
+}
+
+// TinyLlama-1.1B: q/o, k/v, gate/up, down, lm_head.
+#define TINYLLAMA_SHAPES(n)   \
+  Args({2048, 2048, n})       \
+      ->Args({256, 2048, n})  \
+      ->Args({5632, 2048, n}) \
+      ->Args({2048, 5632, n}) \
+      ->Args({32000, 2048, n})
+// The 'small' test model: q/o, k/v, gate/up, down, lm_head.
+#define SMALL_SHAPES(n)      \
+  Args({512, 512, n})        \
+      ->Args({256, 512, n})  \
+      ->Args({1024, 512, n}) \
+      ->Args({512, 1024, n}) \
+      ->Args({8192, 512, n})
+
+BENCHMARK(BM_ReadBandwidth)->Iterations(2)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Decode<DType::BF16>)->TINYLLAMA_SHAPES(1)->UseRealTime();
+BENCHMARK(BM_Decode<DType::F16>)->TINYLLAMA_SHAPES(1)->UseRealTime();
+BENCHMARK(BM_Decode<DType::F32>)->TINYLLAMA_SHAPES(1)->UseRealTime();
+BENCHMARK(BM_Decode<DType::BF16>)->Args({2048, 2048, 4})->Args({2048, 2048, 8})->UseRealTime();
+BENCHMARK(BM_Prefill<DType::BF16>)->SMALL_SHAPES(512)->Unit(benchmark::kMillisecond)->UseRealTime();
+BENCHMARK(BM_Prefill<DType::BF16>)
+    ->TINYLLAMA_SHAPES(512)
+    ->Args({2048, 2048, 64})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(BM_Prefill<DType::F32>)
+    ->Args({2048, 2048, 512})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+// Decode at the end of a 2048-token context, and a 512-token prefill; TinyLlama and 'small'.
+BENCHMARK(BM_Attention)
+    ->Args({32, 4, 64, 1, 2047})
+    ->Args({8, 4, 64, 1, 511})
+    ->Args({32, 4, 64, 512, 0})
+    ->Args({8, 4, 64, 512, 0})
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime();
+
+}  // namespace
+}  // namespace sparsa::kernels
+
+BENCHMARK_MAIN();

@@ -1,0 +1,47 @@
+// attention(): argument checks and the per-ISA dispatch; the kernels are in attention_impl.h.
+#include "kernels/kernels_internal.h"
+#include "sparsa/core/error.h"
+#include "sparsa/kernels/linear.h"
+
+namespace sparsa::kernels {
+
+void attention_isa(Isa isa, const AttentionShape& s, const float* q, int64_t ldq, const float* k,
+                   const float* v, int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool) {
+  SPARSA_CHECK(static_cast<int>(isa) <= static_cast<int>(detect_isa()),
+               "attention: this CPU cannot run the {} kernels", isa_name(isa));
+  SPARSA_CHECK(s.n_q >= 0 && s.pos0 >= 0, "attention: n_q = {} and pos0 = {} must be >= 0", s.n_q,
+               s.pos0);
+  SPARSA_CHECK(s.n_heads > 0 && s.n_kv_heads > 0 && s.n_heads % s.n_kv_heads == 0,
+               "attention: {} query heads cannot be grouped over {} kv heads", s.n_heads,
+               s.n_kv_heads);
+  SPARSA_CHECK(s.head_dim > 0, "attention: head_dim = {} must be positive", s.head_dim);
+  if (s.n_q == 0) return;
+  SPARSA_CHECK(q != nullptr && k != nullptr && v != nullptr && out != nullptr,
+               "attention: a query, key, value or output pointer is null");
+  const int64_t qw = int64_t{s.n_heads} * s.head_dim;
+  const int64_t kvw = int64_t{s.n_kv_heads} * s.head_dim;
+  SPARSA_CHECK(ldq >= qw && ldo >= qw,
+               "attention: row strides ldq = {} and ldo = {} must be at least n_heads * head_dim "
+               "= {}",
+               ldq, ldo, qw);
+  SPARSA_CHECK(ldkv >= kvw, "attention: kv row stride {} is less than n_kv_heads * head_dim = {}",
+               ldkv, kvw);
+  switch (isa) {
+    case Isa::Avx512:
+      avx512::attention(s, q, ldq, k, v, ldkv, out, ldo, pool);
+      break;
+    case Isa::Avx2:
+      avx2::attention(s, q, ldq, k, v, ldkv, out, ldo, pool);
+      break;
+    case Isa::Generic:
+      generic::attention(s, q, ldq, k, v, ldkv, out, ldo, pool);
+      break;
+  }
+}
+
+void attention(const AttentionShape& s, const float* q, int64_t ldq, const float* k, const float* v,
+               int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool) {
+  attention_isa(active_isa(), s, q, ldq, k, v, ldkv, out, ldo, pool);
+}
+
+}  // namespace sparsa::kernels

@@ -1,0 +1,251 @@
+// Causal GQA attention written once over a vector type V and compiled into each kernels_<isa>.cc
+// in namespace sparsa::kernels::<isa> (see linear_impl.h).
+//
+// A task is one kv head and a block of queries: its rows are (query, head) pairs of the heads
+// sharing that kv head, so each key and value row is read once for all of them. Per task:
+//   S = Q Kᵀ · scale   register-tiled SR rows × SV vectors of keys, over Kᵀ packed per key block
+//   P = softmax(S)     row by row over the causal prefix, unnormalized; 1/sum kept aside
+//   O = P V / sum      register-tiled OR rows × OV vectors of head dims, V read in place
+// Scores of a row over all its keys fit in the thread's scratch (rows × keys floats).
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#include "kernels/kernels_internal.h"
+#include "sparsa/core/thread_pool.h"
+
+#ifndef SPARSA_KERNELS_ISA
+#error "define SPARSA_KERNELS_ISA (generic, avx2 or avx512) before including attention_impl.h"
+#endif
+
+namespace sparsa::kernels::SPARSA_KERNELS_ISA::detail {
+
+// Keys per packed Kᵀ block: [head_dim][kKeyBlock] stays in L1/L2 while every row tile uses it.
+inline constexpr int kKeyBlock = 256;
+
+inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
+
+// kt[dd * ldkt + j] = k[j * ldk + dd] for dd < d, j < n; columns n .. n_pad - 1 are zero.
+template <class V>
+void pack_keys_t(const float* k, int64_t ldk, int n, int n_pad, int d, float* kt, int64_t ldkt) {
+  using Reg = typename V::Reg;
+  constexpr int L = V::kLanes;
+  int j = 0;
+  for (; j + L <= n; j += L) {
+    int dd = 0;
+    for (; dd + L <= d; dd += L) {
+      Reg r[L];
+      for (int i = 0; i < L; ++i) r[i] = V::load(k + (j + i) * ldk + dd);
+      V::transpose(r);
+      for (int i = 0; i < L; ++i) V::store(kt + (dd + i) * ldkt + j, r[i]);
+    }
+    for (; dd < d; ++dd)
+      for (int i = 0; i < L; ++i) kt[dd * ldkt + j + i] = k[(j + i) * ldk + dd];
+  }
+  for (int dd = 0; dd < d; ++dd)
+    for (int jj = j; jj < n_pad; ++jj) kt[dd * ldkt + jj] = jj < n ? k[jj * ldk + dd] : 0.0f;
+}
+
+// s[i * lds + j] = scale · sum_dd qp[dd * SR + i] · kt[dd * ldkt + j], i < M, j < SV · kLanes.
+template <class V, int SR, int SV, int M>
+void score_tile(int d, const float* qp, const float* kt, int64_t ldkt, float* s, int64_t lds,
+                float scale) {
+  using Reg = typename V::Reg;
+  constexpr int L = V::kLanes;
+  Reg acc[M][SV];
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < SV; ++v) acc[i][v] = V::zero();
+  for (int dd = 0; dd < d; ++dd) {
+    Reg kv[SV];
+    for (int v = 0; v < SV; ++v) kv[v] = V::load(kt + dd * ldkt + v * L);
+    for (int i = 0; i < M; ++i) {
+      const Reg qv = V::set1(qp[dd * SR + i]);
+      for (int v = 0; v < SV; ++v) acc[i][v] = V::fmadd(qv, kv[v], acc[i][v]);
+    }
+  }
+  const Reg sc = V::set1(scale);
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < SV; ++v) V::store(s + i * lds + v * L, V::mul(acc[i][v], sc));
+}
+
+template <class V, int SR, int SV, int M = SR>
+void score_rows(int m, int d, const float* qp, const float* kt, int64_t ldkt, float* s, int64_t lds,
+                float scale) {
+  if constexpr (M > 1) {
+    if (m < M) return score_rows<V, SR, SV, M - 1>(m, d, qp, kt, ldkt, s, lds, scale);
+  }
+  score_tile<V, SR, SV, M>(d, qp, kt, ldkt, s, lds, scale);
+}
+
+// out[i][dc + c] = inv[i] · sum_j p[i * ldp + j] · v[j * ldv + c] for i < M, c < width, where
+// width is NV vectors, the last one `tail` lanes wide when Partial.
+template <class V, int M, int NV, bool Partial>
+void pv_tile(int64_t n_keys, const float* p, int64_t ldp, const float* v, int64_t ldv, int tail,
+             float* const* out, int64_t dc, const float* inv) {
+  using Reg = typename V::Reg;
+  constexpr int L = V::kLanes;
+  Reg acc[M][NV];
+  for (int i = 0; i < M; ++i)
+    for (int u = 0; u < NV; ++u) acc[i][u] = V::zero();
+  for (int64_t j = 0; j < n_keys; ++j) {
+    Reg vv[NV];
+    for (int u = 0; u < NV; ++u)
+      vv[u] = Partial && u == NV - 1 ? V::load_partial(v + j * ldv + u * L, tail)
+                                     : V::load(v + j * ldv + u * L);
+    for (int i = 0; i < M; ++i) {
+      const Reg pv = V::set1(p[i * ldp + j]);
+      for (int u = 0; u < NV; ++u) acc[i][u] = V::fmadd(pv, vv[u], acc[i][u]);
+    }
+  }
+  for (int i = 0; i < M; ++i) {
+    const Reg s = V::set1(inv[i]);
+    for (int u = 0; u < NV; ++u) {
+      float* o = out[i] + dc + u * L;
+      if (Partial && u == NV - 1) {
+        V::store_partial(o, V::mul(acc[i][u], s), tail);
+      } else {
+        V::store(o, V::mul(acc[i][u], s));
+      }
+    }
+  }
+}
+
+template <class V, int M, int NV>
+void pv_width(int width, int64_t n_keys, const float* p, int64_t ldp, const float* v, int64_t ldv,
+              float* const* out, int64_t dc, const float* inv) {
+  constexpr int L = V::kLanes;
+  if constexpr (NV > 1) {
+    if (width <= (NV - 1) * L)
+      return pv_width<V, M, NV - 1>(width, n_keys, p, ldp, v, ldv, out, dc, inv);
+  }
+  if (width == NV * L) {
+    pv_tile<V, M, NV, false>(n_keys, p, ldp, v, ldv, L, out, dc, inv);
+  } else {
+    pv_tile<V, M, NV, true>(n_keys, p, ldp, v, ldv, width - (NV - 1) * L, out, dc, inv);
+  }
+}
+
+template <class V, int OV, int M>
+void pv_rows(int m, int width, int64_t n_keys, const float* p, int64_t ldp, const float* v,
+             int64_t ldv, float* const* out, int64_t dc, const float* inv) {
+  if constexpr (M > 1) {
+    if (m < M) return pv_rows<V, OV, M - 1>(m, width, n_keys, p, ldp, v, ldv, out, dc, inv);
+  }
+  pv_width<V, M, OV>(width, n_keys, p, ldp, v, ldv, out, dc, inv);
+}
+
+// s[0, len) becomes exp(s - max s); returns 1 / sum.
+template <class V>
+float softmax_row(float* s, int64_t len) {
+  using Reg = typename V::Reg;
+  constexpr int L = V::kLanes;
+  const int64_t full = len / L * L;
+  float mx = -std::numeric_limits<float>::infinity();
+  if (full > 0) {
+    Reg m = V::load(s);
+    for (int64_t j = L; j < full; j += L) m = V::max(m, V::load(s + j));
+    mx = V::reduce_max(m);
+  }
+  for (int64_t j = full; j < len; ++j) mx = s[j] > mx ? s[j] : mx;
+  const Reg mv = V::set1(mx);
+  Reg sum = V::zero();
+  for (int64_t j = 0; j < full; j += L) {
+    const Reg e = V::exp(V::sub(V::load(s + j), mv));
+    V::store(s + j, e);
+    sum = V::add(sum, e);
+  }
+  float total = V::reduce_add(sum);
+  for (int64_t j = full; j < len; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    total += s[j];
+  }
+  return 1.0f / total;
+}
+
+template <class V, int SR, int SV, int OR, int OV>
+void attention_task(const AttentionShape& s, int hk, int64_t i0, int64_t i1, const float* q,
+                    int64_t ldq, const float* k, const float* v, int64_t ldkv, float* out,
+                    int64_t ldo) {
+  constexpr int L = V::kLanes;
+  constexpr int NRS = SV * L;
+  static_assert(kKeyBlock % NRS == 0);
+  const int g = s.n_heads / s.n_kv_heads;
+  const int d = s.head_dim;
+  const int rows = static_cast<int>(i1 - i0) * g;
+  const int tiles = (rows + SR - 1) / SR;
+  const int64_t nk = s.pos0 + i1;
+  const int64_t lds = round_up(nk, NRS);
+  auto row_len = [&](int r) { return s.pos0 + i0 + r / g + 1; };
+  auto row_offset = [&](int r, int64_t ld) { return (i0 + r / g) * ld + (hk * g + r % g) * d; };
+
+  float* sc = thread_scratch(Scratch::kScores, static_cast<size_t>(rows * lds + rows));
+  float* inv = sc + rows * lds;  // [rows]
+  float* qp = thread_scratch(Scratch::kQueries, static_cast<size_t>(tiles) * SR * d);
+  float* kt = thread_scratch(Scratch::kKeys, static_cast<size_t>(d) * kKeyBlock);
+
+  for (int t = 0; t < tiles; ++t)  // qp: [tiles][d][SR]
+    for (int i = 0; i < SR; ++i) {
+      const int r = t * SR + i;
+      float* dst = qp + static_cast<int64_t>(t) * d * SR + i;
+      if (r < rows) {
+        const float* src = q + row_offset(r, ldq);
+        for (int dd = 0; dd < d; ++dd) dst[dd * SR] = src[dd];
+      } else {
+        for (int dd = 0; dd < d; ++dd) dst[dd * SR] = 0.0f;
+      }
+    }
+
+  for (int64_t kb = 0; kb < nk; kb += kKeyBlock) {
+    const int nkb = static_cast<int>(nk - kb < kKeyBlock ? nk - kb : kKeyBlock);
+    pack_keys_t<V>(k + kb * ldkv + hk * d, ldkv, nkb, static_cast<int>(round_up(nkb, NRS)), d, kt,
+                   kKeyBlock);
+    for (int t = 0; t < tiles; ++t) {
+      const int m = rows - t * SR < SR ? rows - t * SR : SR;
+      const int64_t len = row_len(t * SR + m - 1);
+      const int64_t end = len < kb + nkb ? len : kb + nkb;
+      for (int64_t jb = kb; jb < end; jb += NRS)
+        score_rows<V, SR, SV>(m, d, qp + static_cast<int64_t>(t) * d * SR, kt + (jb - kb),
+                              kKeyBlock, sc + t * SR * lds + jb, lds, s.scale);
+    }
+  }
+
+  for (int r = 0; r < rows; ++r) {
+    float* row = sc + r * lds;
+    const int64_t len = row_len(r);
+    inv[r] = softmax_row<V>(row, len);
+    if (nk > len) std::memset(row + len, 0, static_cast<size_t>(nk - len) * sizeof(float));
+  }
+
+  for (int r0 = 0; r0 < rows; r0 += OR) {
+    const int m = rows - r0 < OR ? rows - r0 : OR;
+    float* outs[OR];
+    for (int i = 0; i < m; ++i) outs[i] = out + row_offset(r0 + i, ldo);
+    const int64_t n_keys = row_len(r0 + m - 1);
+    for (int dc = 0; dc < d; dc += OV * L) {
+      const int width = d - dc < OV * L ? d - dc : OV * L;
+      pv_rows<V, OV, OR>(m, width, n_keys, sc + r0 * lds, lds, v + hk * d + dc, ldkv, outs, dc,
+                         inv + r0);
+    }
+  }
+}
+
+template <class V, int SR, int SV, int OR, int OV>
+void attention(const AttentionShape& s, const float* q, int64_t ldq, const float* k, const float* v,
+               int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool) {
+  const int g = s.n_heads / s.n_kv_heads;
+  // About four row tiles per task; the latest queries (the most keys) are handed out first.
+  const int64_t bq_max = (4 * SR + g - 1) / g;
+  const int64_t bq = s.n_q < bq_max ? s.n_q : bq_max;
+  const int64_t n_blocks = (s.n_q + bq - 1) / bq;
+  pool.run(n_blocks * s.n_kv_heads, [&](int64_t task) {
+    const int64_t b = n_blocks - 1 - task / s.n_kv_heads;
+    const int hk = static_cast<int>(task % s.n_kv_heads);
+    const int64_t i1 = (b + 1) * bq < s.n_q ? (b + 1) * bq : s.n_q;
+    attention_task<V, SR, SV, OR, OV>(s, hk, b * bq, i1, q, ldq, k, v, ldkv, out, ldo);
+  });
+}
+
+}  // namespace sparsa::kernels::SPARSA_KERNELS_ISA::detail

@@ -1,0 +1,263 @@
+// The linear kernels written once over a vector type V, compiled into each kernels_<isa>.cc
+// inside namespace sparsa::kernels::<isa> (SPARSA_KERNELS_ISA, defined by that file before the
+// include), so that no function compiled for one ISA can reach another ISA's path through the
+// linker's merging of inline functions and template instantiations.
+//
+// V provides: Reg, kLanes, zero, set1, load, load_partial(p, n), store, store_partial(p, v, n),
+// fmadd(a, b, c) = a * b + c, add, mul, max, reduce_add, reduce_max, exp, transpose(Reg[kLanes]),
+// and load_w<D> / load_w_partial<D> that widen kLanes weights of dtype D to f32.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#include "kernels/kernels_internal.h"
+#include "sparsa/core/dtype.h"
+
+#ifndef SPARSA_KERNELS_ISA
+#error "define SPARSA_KERNELS_ISA (generic, avx2 or avx512) before including linear_impl.h"
+#endif
+
+namespace sparsa::kernels::SPARSA_KERNELS_ISA::detail {
+
+template <DType D>
+using WeightElem = std::conditional_t<D == DType::F32, float, uint16_t>;
+
+// IEEE half to float without a call or a table: move exponent and mantissa into place and
+// rebias; infinities and NaNs get the rest of the bias, subnormals are renormalized by a float
+// subtraction (F. Giesen, "half_to_float_fast5").
+inline float half_bits_to_f32(uint16_t h) {
+  constexpr uint32_t kShiftedExp = 0x7c00u << 13;
+  uint32_t bits = (h & 0x7fffu) << 13;
+  const uint32_t exp = bits & kShiftedExp;
+  bits += (127 - 15) << 23;
+  float f;
+  if (exp == kShiftedExp) {
+    bits += (128 - 16) << 23;
+  } else if (exp == 0) {
+    bits += 1 << 23;
+    std::memcpy(&f, &bits, sizeof f);
+    f -= 6.103515625e-05f;  // 2^-14
+    std::memcpy(&bits, &f, sizeof f);
+  }
+  bits |= static_cast<uint32_t>(h & 0x8000u) << 16;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float bf16_bits_to_f32(uint16_t h) {
+  const uint32_t bits = static_cast<uint32_t>(h) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+template <DType D>
+inline float weight_to_f32(WeightElem<D> w) {
+  if constexpr (D == DType::F32) {
+    return w;
+  } else if constexpr (D == DType::BF16) {
+    return bf16_bits_to_f32(w);
+  } else {
+    return half_bits_to_f32(w);
+  }
+}
+
+// y[t * ldy + r] = x_t · W_r for a tile of R rows × T tokens, U accumulators per dot product.
+template <class V, DType D, int R, int T, int U>
+inline void decode_tile(const WeightElem<D>* w, int64_t ldw, int64_t cols, const float* x,
+                        int64_t ldx, float* y, int64_t ldy) {
+  using Reg = typename V::Reg;
+  constexpr int L = V::kLanes;
+  Reg acc[U][R][T];
+  for (int u = 0; u < U; ++u)
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) acc[u][r][t] = V::zero();
+  int64_t k = 0;
+  for (; k + U * L <= cols; k += U * L) {
+    for (int u = 0; u < U; ++u) {
+      Reg xv[T];
+      for (int t = 0; t < T; ++t) xv[t] = V::load(x + t * ldx + k + u * L);
+      for (int r = 0; r < R; ++r) {
+        const Reg wv = V::template load_w<D>(w + r * ldw + k + u * L);
+        for (int t = 0; t < T; ++t) acc[u][r][t] = V::fmadd(wv, xv[t], acc[u][r][t]);
+      }
+    }
+  }
+  for (; k < cols; k += L) {
+    const int n = static_cast<int>(cols - k < L ? cols - k : L);
+    Reg xv[T];
+    for (int t = 0; t < T; ++t) xv[t] = V::load_partial(x + t * ldx + k, n);
+    for (int r = 0; r < R; ++r) {
+      const Reg wv = V::template load_w_partial<D>(w + r * ldw + k, n);
+      for (int t = 0; t < T; ++t) acc[0][r][t] = V::fmadd(wv, xv[t], acc[0][r][t]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int t = 0; t < T; ++t) {
+      Reg sum = acc[0][r][t];
+      for (int u = 1; u < U; ++u) sum = V::add(sum, acc[u][r][t]);
+      y[t * ldy + r] = V::reduce_add(sum);
+    }
+}
+
+// The same for nt <= T tokens; a single row of a single token has four sums in flight.
+template <class V, DType D, int R, int T>
+inline void decode_tokens(int64_t nt, const WeightElem<D>* w, int64_t ldw, int64_t cols,
+                          const float* x, int64_t ldx, float* y, int64_t ldy) {
+  if constexpr (T > 1) {
+    if (nt < T) return decode_tokens<V, D, R, T - 1>(nt, w, ldw, cols, x, ldx, y, ldy);
+  }
+  decode_tile<V, D, R, T, R == 1 && T == 1 ? 4 : 1>(w, ldw, cols, x, ldx, y, ldy);
+}
+
+// Up to this many columns (x: 16 KB, half of L1), a single token reads W row by row: one
+// sequential stream per thread, which DRAM serves fastest. Longer rows take R1 rows at a time, so
+// that each x chunk loaded serves R1 rows.
+inline constexpr int64_t kSequentialMaxCols = 4096;
+
+// Rows [r0, r1): one token as above; several in tiles of R rows, every token group of up to T
+// tokens while those rows are in cache.
+template <class V, DType D, int R1, int R, int T>
+void decode_rows(const DenseWeight& w, const float* x, int64_t ldx, int64_t n_tokens, float* y,
+                 int64_t ldy, int64_t r0, int64_t r1) {
+  const auto* base = static_cast<const WeightElem<D>*>(w.data);
+  const int64_t cols = w.cols;
+  int64_t r = r0;
+  if (n_tokens == 1 && cols > kSequentialMaxCols) {
+    for (; r + R1 <= r1; r += R1)
+      decode_tile<V, D, R1, 1, 1>(base + r * cols, cols, cols, x, ldx, y + r, ldy);
+  } else if (n_tokens == 1) {
+    for (; r < r1; ++r) decode_tile<V, D, 1, 1, 4>(base + r * cols, cols, cols, x, ldx, y + r, ldy);
+  }
+  for (; r + R <= r1; r += R)
+    for (int64_t t = 0; t < n_tokens; t += T)
+      decode_tokens<V, D, R, T>(n_tokens - t, base + r * cols, cols, cols, x + t * ldx, ldx,
+                                y + t * ldy + r, ldy);
+  for (; r < r1; ++r)
+    for (int64_t t = 0; t < n_tokens; t += T)
+      decode_tokens<V, D, 1, T>(n_tokens - t, base + r * cols, cols, cols, x + t * ldx, ldx,
+                                y + t * ldy + r, ldy);
+}
+
+// dst[k][j] = W[n0 + j, k0 + k] for j < NR: kLanes × kLanes blocks transposed in registers.
+template <class V, DType D, int NR>
+void pack_b(const DenseWeight& w, int64_t n0, int n, int64_t k0, int kc, float* dst) {
+  using Reg = typename V::Reg;
+  constexpr int L = V::kLanes;
+  const auto* base = static_cast<const WeightElem<D>*>(w.data);
+  const int64_t cols = w.cols;
+  for (int jb = 0; jb < NR; jb += L) {
+    const int rows = n - jb < 0 ? 0 : (n - jb < L ? n - jb : L);
+    if (rows == 0) {
+      for (int k = 0; k < kc; ++k)
+        for (int i = 0; i < L; ++i) dst[k * NR + jb + i] = 0.0f;
+      continue;
+    }
+    const WeightElem<D>* src = base + (n0 + jb) * cols + k0;
+    int k = 0;
+    if (rows == L) {
+      for (; k + L <= kc; k += L) {
+        Reg r[L];
+        for (int i = 0; i < L; ++i) r[i] = V::template load_w<D>(src + i * cols + k);
+        V::transpose(r);
+        for (int i = 0; i < L; ++i) V::store(dst + (k + i) * NR + jb, r[i]);
+      }
+    }
+    for (; k < kc; ++k)
+      for (int i = 0; i < L; ++i)
+        dst[k * NR + jb + i] = i < rows ? weight_to_f32<D>(src[i * cols + k]) : 0.0f;
+  }
+}
+
+// The register-blocked micro-kernel: an M × (NV · kLanes) tile of C, one broadcast of A and NV
+// loads of B per k.
+template <class V, int MR, int NV, int M>
+void micro_tile(int n, int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
+                bool accumulate) {
+  using Reg = typename V::Reg;
+  constexpr int L = V::kLanes;
+  constexpr int NR = NV * L;
+  Reg acc[M][NV];
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V::zero();
+  for (int64_t k = 0; k < kc; ++k) {
+    Reg bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = V::load(b + k * NR + v * L);
+    for (int i = 0; i < M; ++i) {
+      const Reg av = V::set1(a[k * MR + i]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = V::fmadd(av, bv[v], acc[i][v]);
+    }
+  }
+  if (n == NR) {
+    for (int i = 0; i < M; ++i)
+      for (int v = 0; v < NV; ++v) {
+        float* p = c + i * ldc + v * L;
+        V::store(p, accumulate ? V::add(acc[i][v], V::load(p)) : acc[i][v]);
+      }
+    return;
+  }
+  for (int i = 0; i < M; ++i)
+    for (int v = 0; v < NV && v * L < n; ++v) {
+      float* p = c + i * ldc + v * L;
+      const int w = n - v * L < L ? n - v * L : L;
+      V::store_partial(p, accumulate ? V::add(acc[i][v], V::load_partial(p, w)) : acc[i][v], w);
+    }
+}
+
+template <class V, int MR, int NV, int M = MR>
+void micro(int m, int n, int64_t kc, const float* a, const float* b, float* c, int64_t ldc,
+           bool accumulate) {
+  if constexpr (M > 1) {
+    if (m < M) return micro<V, MR, NV, M - 1>(m, n, kc, a, b, c, ldc, accumulate);
+  }
+  micro_tile<V, MR, NV, M>(n, kc, a, b, c, ldc, accumulate);
+}
+
+// The table entry of one ISA: decode tiles of DR1 rows × 1 token (long rows) or DR rows × DT
+// tokens, GEMM micro-tiles of MR tokens × NV vectors of output features.
+template <class V, int DR1, int DR, int DT, int MR, int NV>
+LinearKernels make_linear_kernels(DType dtype) {
+  LinearKernels k;
+  k.micro = &micro<V, MR, NV>;
+  k.mr = MR;
+  k.nr = NV * V::kLanes;
+  switch (dtype) {
+    case DType::F32:
+      k.decode = &decode_rows<V, DType::F32, DR1, DR, DT>;
+      k.pack_b = &pack_b<V, DType::F32, NV * V::kLanes>;
+      break;
+    case DType::F16:
+      k.decode = &decode_rows<V, DType::F16, DR1, DR, DT>;
+      k.pack_b = &pack_b<V, DType::F16, NV * V::kLanes>;
+      break;
+    case DType::BF16:
+      k.decode = &decode_rows<V, DType::BF16, DR1, DR, DT>;
+      k.pack_b = &pack_b<V, DType::BF16, NV * V::kLanes>;
+      break;
+    default:
+      return LinearKernels{};
+  }
+  return k;
+}
+
+// Eight independent sums, so that the loop is bound by the loads.
+template <class V>
+float stream_sum(const float* p, int64_t n) {
+  using Reg = typename V::Reg;
+  constexpr int L = V::kLanes;
+  Reg acc[8];
+  for (auto& a : acc) a = V::zero();
+  int64_t i = 0;
+  for (; i + 8 * L <= n; i += 8 * L)
+    for (int u = 0; u < 8; ++u) acc[u] = V::add(acc[u], V::load(p + i + u * L));
+  for (; i < n; i += L) {
+    const int w = n - i < L ? static_cast<int>(n - i) : L;
+    acc[0] = V::add(acc[0], V::load_partial(p + i, w));
+  }
+  for (int u = 1; u < 8; ++u) acc[0] = V::add(acc[0], acc[u]);
+  return V::reduce_add(acc[0]);
+}
+
+}  // namespace sparsa::kernels::SPARSA_KERNELS_ISA::detail
