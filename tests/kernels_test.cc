@@ -148,6 +148,48 @@ TEST(LinearDispatch, ActiveIsaEntryPointMatchesExplicitOne) {
   }
 }
 
+// linear_many runs several weights over one input in one parallel region: the results must be
+// exactly those of one linear() call per weight, for decode and prefill token counts, mixed
+// dtypes and row counts that do not divide into the chunks.
+TEST(LinearMany, EqualsOneLinearCallPerWeight) {
+  for (int threads : {1, 2, 3}) {
+    ThreadPool pool(threads);
+    const TestWeight a(DType::BF16, 517, 96, 11), b(DType::F32, 40, 96, 12),
+        c(DType::F16, 1030, 96, 13);
+    const std::vector<float> x = random_floats(96 * 20, 14);
+    for (int64_t n : {1, 3, 8, 20}) {
+      const TestWeight* ws[3] = {&a, &b, &c};
+      std::vector<float> want[3], got[3];
+      LinearOutput outs[3];
+      for (int i = 0; i < 3; ++i) {
+        const int64_t ld = ws[i]->rows + 5;
+        want[i].assign(static_cast<size_t>(ld * n), -7.0f);
+        got[i] = want[i];
+        linear(ws[i]->view(), x.data(), 96, n, want[i].data(), ld, pool);
+        outs[i] = {ws[i]->view(), got[i].data(), ld};
+      }
+      linear_many(outs, 3, x.data(), 96, n, pool);
+      for (int i = 0; i < 3; ++i)
+        EXPECT_EQ(got[i], want[i]) << "output " << i << " n_tokens=" << n << " threads=" << threads;
+    }
+  }
+}
+
+TEST(LinearMany, RejectsAnOutputStrideSmallerThanItsWeight) {
+  ThreadPool pool(2);
+  const TestWeight a(DType::BF16, 64, 32, 1);
+  const std::vector<float> x = random_floats(32, 2);
+  std::vector<float> y(64);
+  const LinearOutput outs[1] = {{a.view(), y.data(), 10}};
+  try {
+    linear_many(outs, 1, x.data(), 32, 1, pool);
+    FAIL() << "no error";
+  } catch (const std::exception& e) {
+    EXPECT_NE(std::string(e.what()).find("ldy = 10"), std::string::npos)
+        << e.what();
+  }
+}
+
 // Every finite 16-bit pattern, as W [4096, 16], read back exactly through one-hot inputs: covers
 // each ISA's widening in the decode kernel (8 tokens) and in the GEMM's packing (16 tokens).
 TEST(LinearConversion, WidensEveryFinite16BitValueExactly) {

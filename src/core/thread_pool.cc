@@ -16,6 +16,8 @@ namespace {
 // How long a worker spins for the next job before it sleeps: long enough to cover the gap
 // between two kernels of one decode step, short enough that an idle pool uses no CPU.
 constexpr auto kSpin = std::chrono::microseconds(200);
+// The task index that marks a job being published: no task can be claimed.
+constexpr uint64_t kClosed = 0xffffffffu;
 }  // namespace
 
 int default_thread_count() {
@@ -79,7 +81,12 @@ void ThreadPool::run_impl(int64_t n_tasks, TaskFn fn, void* ctx) {
     }
     return;
   }
+  // Publish the job like a seqlock: close the new generation (no task can be claimed while the
+  // index reads kClosed), write the job's fields, then open it. A worker that reads the fields
+  // validates its copy against the generation before it claims anything.
   const uint64_t gen = ++generation_ & 0xffffffffu;
+  state_.store((gen << 32) | kClosed, std::memory_order_relaxed);
+  std::atomic_thread_fence(std::memory_order_release);
   fn_.store(fn, std::memory_order_relaxed);
   ctx_.store(ctx, std::memory_order_relaxed);
   n_tasks_.store(n_tasks, std::memory_order_relaxed);
@@ -114,13 +121,26 @@ void ThreadPool::worker_loop() {
       std::unique_lock<std::mutex> lock(mutex_);
       wake_.wait(lock, [&] { return (state_.load(std::memory_order_acquire) >> 32) != seen; });
       if (stop_) return;
-      seen = state_.load(std::memory_order_acquire) >> 32;
     }
-    // The job's fields are those of generation `seen` or a later one; a claim succeeds only
-    // while the generation is still `seen`, and the caller cannot publish a new job before
-    // every claimed task of this one has completed, so a successful claim saw this job's fields.
-    drain(seen, fn_.load(std::memory_order_relaxed), ctx_.load(std::memory_order_relaxed),
-          n_tasks_.load(std::memory_order_relaxed), true);
+    // Copy the job's fields and check that the generation did not move while they were read
+    // (the caller's closing store is fenced before its field writes, so a copy that saw any
+    // newer field also sees a newer generation and is retried).
+    for (;;) {
+      const uint64_t s1 = state_.load(std::memory_order_acquire);
+      if ((s1 & 0xffffffffu) == kClosed) {
+        SPARSA_PAUSE();
+        continue;
+      }
+      const TaskFn fn = fn_.load(std::memory_order_relaxed);
+      void* const ctx = ctx_.load(std::memory_order_relaxed);
+      const int64_t n = n_tasks_.load(std::memory_order_relaxed);
+      std::atomic_thread_fence(std::memory_order_acquire);
+      const uint64_t s2 = state_.load(std::memory_order_relaxed);
+      if ((s2 >> 32) != (s1 >> 32) || (s2 & 0xffffffffu) == kClosed) continue;
+      seen = s1 >> 32;
+      drain(seen, fn, ctx, n, true);
+      break;
+    }
   }
 }
 

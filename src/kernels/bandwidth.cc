@@ -37,47 +37,67 @@ StreamSumFn stream_sum_for(Isa isa) {
 
 }  // namespace
 
+struct BandwidthProbe::Buffer {
+  std::unique_ptr<float, AlignedDelete> data;
+  int64_t n = 0;
+  int64_t tasks = 0;
+  int64_t step = 0;
+  std::vector<float> sums;
+
+  void slice(int64_t t, int64_t& begin, int64_t& len) const {
+    begin = std::min(n, t * step);
+    len = t == tasks - 1 ? n - begin : std::min(step, n - begin);
+  }
+};
+
+BandwidthProbe::BandwidthProbe(ThreadPool& pool, size_t bytes) : pool_(pool) {
+  SPARSA_CHECK(bytes >= (size_t{1} << 20),
+               "bandwidth probe: needs at least 1 MiB (got {} bytes)", bytes);
+  buf_ = std::make_unique<Buffer>();
+  Buffer& b = *buf_;
+  b.n = static_cast<int64_t>((bytes / sizeof(float) + 1023) / 1024 * 1024);
+  const size_t alloc = (static_cast<size_t>(b.n) * sizeof(float) + kAlign - 1) / kAlign * kAlign;
+  b.data.reset(static_cast<float*>(::operator new[](alloc, std::align_val_t{kAlign})));
+  madvise(b.data.get(), alloc, MADV_HUGEPAGE);
+  // Slices of whole cache lines, several per thread, claimed dynamically.
+  b.tasks = int64_t{8} * pool.size();
+  b.step = (b.n + b.tasks - 1) / b.tasks / 16 * 16;
+  b.sums.assign(static_cast<size_t>(b.tasks), 0.0f);
+  pool.run(b.tasks, [&](int64_t t) {
+    int64_t begin, len;
+    b.slice(t, begin, len);
+    std::fill(b.data.get() + begin, b.data.get() + begin + len, 1.0f);
+  });
+}
+
+BandwidthProbe::~BandwidthProbe() = default;
+
+size_t BandwidthProbe::bytes() const { return static_cast<size_t>(buf_->n) * sizeof(float); }
+
+double BandwidthProbe::sample() {
+  Buffer& b = *buf_;
+  const StreamSumFn sum = stream_sum_for(active_isa());
+  const auto t0 = std::chrono::steady_clock::now();
+  pool_.run(b.tasks, [&](int64_t t) {
+    int64_t begin, len;
+    b.slice(t, begin, len);
+    b.sums[static_cast<size_t>(t)] = sum(b.data.get() + begin, len);
+  });
+  const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  float total = 0.0f;
+  for (float v : b.sums) total += v;
+  g_sink = total;
+  return static_cast<double>(bytes()) / sec;
+}
+
 double measure_read_bandwidth(ThreadPool& pool, size_t bytes, int reps) {
   SPARSA_CHECK(bytes >= (size_t{1} << 20) && reps >= 1,
                "measure_read_bandwidth: needs at least 1 MiB and one repetition (got {} bytes, "
                "{} reps)",
                bytes, reps);
-  const size_t n = (bytes / sizeof(float) + 1023) / 1024 * 1024;
-  const size_t alloc = (n * sizeof(float) + kAlign - 1) / kAlign * kAlign;
-  std::unique_ptr<float, AlignedDelete> buf(
-      static_cast<float*>(::operator new[](alloc, std::align_val_t{kAlign})));
-  madvise(buf.get(), alloc, MADV_HUGEPAGE);
-
-  // Slices of whole cache lines, several per thread, claimed dynamically.
-  const int64_t tasks = int64_t{8} * pool.size();
-  const int64_t step = (static_cast<int64_t>(n) + tasks - 1) / tasks / 16 * 16;
-  const int64_t total = static_cast<int64_t>(n);
-  auto slice = [&](int64_t t, int64_t& begin, int64_t& len) {
-    begin = std::min(total, t * step);
-    len = t == tasks - 1 ? total - begin : std::min(step, total - begin);
-  };
-  pool.run(tasks, [&](int64_t t) {
-    int64_t begin, len;
-    slice(t, begin, len);
-    std::fill(buf.get() + begin, buf.get() + begin + len, 1.0f);
-  });
-
-  const StreamSumFn sum = stream_sum_for(active_isa());
-  std::vector<float> sums(static_cast<size_t>(tasks));
+  BandwidthProbe probe(pool, bytes);
   double best = 0.0;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = std::chrono::steady_clock::now();
-    pool.run(tasks, [&](int64_t t) {
-      int64_t begin, len;
-      slice(t, begin, len);
-      sums[static_cast<size_t>(t)] = sum(buf.get() + begin, len);
-    });
-    const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    best = std::max(best, static_cast<double>(n * sizeof(float)) / sec);
-  }
-  float total_sum = 0.0f;
-  for (float s : sums) total_sum += s;
-  g_sink = total_sum;
+  for (int r = 0; r < reps; ++r) best = std::max(best, probe.sample());
   return best;
 }
 

@@ -249,9 +249,18 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
   float* kc = k_cache + pos0 * kvw;
   float* vc = v_cache + pos0 * kvw;
   rms_norm(x, b.attn_norm.data(), eps, n, h, xn);
-  run_linear("q", b.q, xn, h, q, qw);
-  run_linear("k", b.k, xn, h, kc, kvw);
-  run_linear("v", b.v, xn, h, vc, kvw);
+  if (hook) {
+    run_linear("q", b.q, xn, h, q, qw);
+    run_linear("k", b.k, xn, h, kc, kvw);
+    run_linear("v", b.v, xn, h, vc, kvw);
+  } else {
+    const kernels::LinearOutput qkv[3] = {
+        {b.q.weight, q, qw}, {b.k.weight, kc, kvw}, {b.v.weight, vc, kvw}};
+    kernels::linear_many(qkv, 3, xn, h, n, pool);
+    add_bias(q, qw, n, b.q.bias);
+    add_bias(kc, kvw, n, b.k.bias);
+    add_bias(vc, kvw, n, b.v.bias);
+  }
   apply_rope(q, qw, n, c.num_heads, hd, ws.cos.data(), ws.sin.data());
   apply_rope(kc, kvw, n, c.num_kv_heads, hd, ws.cos.data(), ws.sin.data());
   kernels::attention(shape, q, qw, k_cache, v_cache, kvw, attn, qw, pool);
@@ -259,8 +268,15 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
   for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];
 
   rms_norm(x, b.mlp_norm.data(), eps, n, h, xn);
-  run_linear("gate", b.gate, xn, h, gate, ffn);
-  run_linear("up", b.up, xn, h, up, ffn);
+  if (hook) {
+    run_linear("gate", b.gate, xn, h, gate, ffn);
+    run_linear("up", b.up, xn, h, up, ffn);
+  } else {
+    const kernels::LinearOutput gate_up[2] = {{b.gate.weight, gate, ffn}, {b.up.weight, up, ffn}};
+    kernels::linear_many(gate_up, 2, xn, h, n, pool);
+    add_bias(gate, ffn, n, b.gate.bias);
+    add_bias(up, ffn, n, b.up.bias);
+  }
   pool.parallel_for(n * ffn, 4096, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       const float g = gate[i];

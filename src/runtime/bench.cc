@@ -34,7 +34,9 @@ BenchResult run_bench(model::Model& model, ThreadPool& pool, const BenchOptions&
   r.decode_tokens = opt.decode_tokens;
   r.weight_bytes_per_token = model.weight_bytes_per_token();
 
-  double bw = kernels::measure_read_bandwidth(pool, opt.bandwidth_bytes, 5);
+  kernels::BandwidthProbe probe(pool, opt.bandwidth_bytes);
+  std::vector<double> bw_samples;
+  bw_samples.push_back(probe.sample());  // warms the probe's pages and the pool
 
   Rng rng(opt.seed);
   std::vector<int32_t> prompt(static_cast<size_t>(opt.prompt_tokens));
@@ -57,9 +59,11 @@ BenchResult run_bench(model::Model& model, ThreadPool& pool, const BenchOptions&
     model.forward(one, cache, logits.data(), false, pool);
     step_times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
     next = argmax(logits.data(), cfg.vocab_size);
+    bw_samples.push_back(probe.sample());
   }
-  // A second probe after the model ran: the bound is the best the machine showed in this run.
-  bw = std::max(bw, kernels::measure_read_bandwidth(pool, opt.bandwidth_bytes, 3));
+  bw_samples.erase(bw_samples.begin());
+  const double bw = median(bw_samples);
+  r.bandwidth_best_gb_per_s = *std::max_element(bw_samples.begin(), bw_samples.end()) / 1e9;
 
   const double prefill_s = median(prefill_times);
   const double step_s = median(step_times);

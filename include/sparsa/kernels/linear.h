@@ -8,6 +8,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <memory>
 
 #include "sparsa/core/cpu.h"
 #include "sparsa/core/dtype.h"
@@ -32,6 +33,18 @@ void linear(const DenseWeight& w, const float* x, int64_t ldx, int64_t n_tokens,
 void linear_isa(Isa isa, const DenseWeight& w, const float* x, int64_t ldx, int64_t n_tokens,
                 float* y, int64_t ldy, ThreadPool& pool);
 
+/// One output of linear_many(): y = x Wᵀ with its own weight and output buffer.
+struct LinearOutput {
+  DenseWeight weight;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
+
+/// Several linear layers that read the same input (q/k/v, gate/up): the same results as calling
+/// linear() for each, but decode runs them in one parallel region, so the threads meet once.
+void linear_many(const LinearOutput* outs, int count, const float* x, int64_t ldx,
+                 int64_t n_tokens, ThreadPool& pool);
+
 /// Causal grouped-query attention for `n_q` new queries at positions pos0 .. pos0 + n_q - 1,
 /// attending to cache rows 0 .. pos (inclusive) of their own position.
 ///   q:   [n_q, n_heads * head_dim], row stride ldq
@@ -54,6 +67,24 @@ void attention_isa(Isa isa, const AttentionShape& s, const float* q, int64_t ldq
 /// Measured memory read bandwidth in bytes/s: streams a `bytes`-sized buffer (much larger than
 /// the caches) `reps` times with all threads of `pool`, and returns the best repetition.
 double measure_read_bandwidth(ThreadPool& pool, size_t bytes = size_t{1} << 30, int reps = 5);
+
+/// The same probe, kept allocated so that samples can be interleaved with other work (a shared
+/// machine's bandwidth moves from second to second): each sample() streams the whole buffer
+/// once with every thread of the pool and returns bytes/s.
+class BandwidthProbe {
+ public:
+  BandwidthProbe(ThreadPool& pool, size_t bytes);
+  ~BandwidthProbe();
+  BandwidthProbe(const BandwidthProbe&) = delete;
+  BandwidthProbe& operator=(const BandwidthProbe&) = delete;
+  double sample();
+  size_t bytes() const;
+
+ private:
+  struct Buffer;
+  ThreadPool& pool_;
+  std::unique_ptr<Buffer> buf_;
+};
 
 }  // namespace sparsa::kernels
 
