@@ -86,8 +86,6 @@ void rms_norm(const float* x, const float* w, float eps, int64_t n, int64_t dim,
   }
 }
 
-namespace {
-
 // Rotary embedding, rotate-half convention (HF Llama): the pair is (x[i], x[i + d/2]).
 void apply_rope(float* x, int64_t ld, int64_t n, int64_t heads, int64_t hd, const float* cos,
                 const float* sin) {
@@ -111,8 +109,6 @@ void add_bias(float* y, int64_t ld, int64_t n, const std::vector<float>& bias) {
   for (int64_t t = 0; t < n; ++t)
     for (size_t i = 0; i < bias.size(); ++i) y[t * ld + static_cast<int64_t>(i)] += bias[i];
 }
-
-}  // namespace
 
 std::vector<float> rope_inverse_frequencies(const io::ModelConfig& c) {
   const int64_t half = c.head_dim / 2;

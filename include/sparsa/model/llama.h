@@ -79,6 +79,14 @@ void block_forward(const io::ModelConfig& config, const Block& block, int64_t la
                    float* k_cache, float* v_cache, BlockWorkspace& ws,
                    const LinearInputHook& hook, ThreadPool& pool);
 
+/// Rotary embedding (rotate-half, as HF Llama) of `heads` heads of width hd in each of n rows of
+/// x (row stride ld); cos, sin: [n, hd / 2].
+void apply_rope(float* x, int64_t ld, int64_t n, int64_t heads, int64_t hd, const float* cos,
+                const float* sin);
+
+/// y[t] += bias for n rows of stride ld; nothing when bias is empty.
+void add_bias(float* y, int64_t ld, int64_t n, const std::vector<float>& bias);
+
 /// RMSNorm over rows: out[t] = w * x[t] / sqrt(mean(x[t]²) + eps), x and out [n, dim].
 void rms_norm(const float* x, const float* w, float eps, int64_t n, int64_t dim, float* out);
 
@@ -92,6 +100,9 @@ class Model {
   const io::Checkpoint& checkpoint() const { return checkpoint_; }
   const std::vector<Block>& blocks() const { return blocks_; }
   const Linear& lm_head() const { return lm_head_; }
+  const io::TensorView& embedding() const { return embed_; }
+  const std::vector<float>& final_norm() const { return final_norm_; }
+  const std::vector<float>& rope_inv_freq() const { return rope_inv_freq_; }
   /// Bytes of weights one decode step reads: every linear layer, lm_head, one embedding row.
   size_t weight_bytes_per_token() const;
 
