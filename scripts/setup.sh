@@ -5,7 +5,7 @@ cd "$(dirname "$0")/.."
 
 packages=(cmake ninja-build g++ pkg-config libfmt-dev nlohmann-json3-dev libcli11-dev
           libpcre2-dev libyaml-cpp-dev libopenblas-dev liblapacke-dev libgtest-dev libgmock-dev
-          libbenchmark-dev)
+          libbenchmark-dev libcpp-httplib-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -34,8 +34,10 @@ ThreadPool::ThreadPool(int n_threads) {
 ThreadPool::~ThreadPool() {
   {
     std::lock_guard<std::mutex> lock(mutex_);
-    stop_ = true;
-    state_.store((generation_ + 1) << 32, std::memory_order_release);
+    // A closed generation: a worker that is between waking and claiming sees no task to run
+    // (a stale copy of the last job must never be called) and returns on stop_.
+    stop_.store(true, std::memory_order_relaxed);
+    state_.store((((generation_ + 1) & 0xffffffffu) << 32) | kClosed, std::memory_order_release);
   }
   wake_.notify_all();
   for (auto& t : workers_) t.join();
@@ -120,7 +122,7 @@ void ThreadPool::worker_loop() {
     {
       std::unique_lock<std::mutex> lock(mutex_);
       wake_.wait(lock, [&] { return (state_.load(std::memory_order_acquire) >> 32) != seen; });
-      if (stop_) return;
+      if (stop_.load(std::memory_order_relaxed)) return;
     }
     // Copy the job's fields and check that the generation did not move while they were read
     // (the caller's closing store is fenced before its field writes, so a copy that saw any
@@ -128,6 +130,7 @@ void ThreadPool::worker_loop() {
     for (;;) {
       const uint64_t s1 = state_.load(std::memory_order_acquire);
       if ((s1 & 0xffffffffu) == kClosed) {
+        if (stop_.load(std::memory_order_relaxed)) return;
         SPARSA_PAUSE();
         continue;
       }

@@ -5,7 +5,10 @@
 #include <cstring>
 #include <numbers>
 
+#include <nlohmann/json.hpp>
+
 #include "sparsa/core/error.h"
+#include "sparsa/core/mapped_file.h"
 
 namespace sparsa::model {
 
@@ -63,12 +66,36 @@ std::vector<float> load_vector(const io::Checkpoint& ck, const std::string& name
   return v;
 }
 
+// Bytes of every tensor "<prefix>.<suffix>" other than the bias.
+size_t stored_bytes(const io::Checkpoint& ck, const std::string& prefix) {
+  size_t total = 0;
+  for (const std::string& n : ck.names())
+    if (n.size() > prefix.size() + 1 && n.compare(0, prefix.size() + 1, prefix + ".") == 0 &&
+        n != prefix + ".bias")
+      total += ck.get(n).nbytes;
+  return total;
+}
+
 Linear load_linear(const io::Checkpoint& ck, const std::string& prefix, int64_t out, int64_t in,
-                   bool bias) {
+                   bool bias, const io::CompressionConfig& compression) {
   Linear l;
-  l.name = prefix + ".weight";
-  const io::TensorView& w = get_shaped(ck, l.name, {out, in});
-  l.weight = kernels::DenseWeight{w.dtype, out, in, w.data};
+  if (io::is_compressed_weight(ck, prefix)) {
+    // Compressed layouts are decoded to f32 once (fast kernels over the packed formats read
+    // them directly where they exist).
+    io::DecodedWeight d = io::decode_weight(ck, prefix, out, in, compression);
+    auto owned = std::make_shared<const std::vector<float>>(std::move(d.values));
+    l.name = prefix;
+    l.weight = kernels::DenseWeight{DType::F32, out, in, owned->data()};
+    l.owned = std::move(owned);
+    l.format = d.format;
+    l.input_bits = d.input_activation_bits;
+    l.stored_bytes = stored_bytes(ck, prefix);
+  } else {
+    l.name = prefix + ".weight";
+    const io::TensorView& w = get_shaped(ck, l.name, {out, in});
+    l.weight = kernels::DenseWeight{w.dtype, out, in, w.data};
+    l.stored_bytes = w.nbytes;
+  }
   if (bias) l.bias = load_vector(ck, prefix + ".bias", out);
   return l;
 }
@@ -83,6 +110,22 @@ void rms_norm(const float* x, const float* w, float eps, int64_t n, int64_t dim,
     for (int64_t i = 0; i < dim; ++i) ss += static_cast<double>(xt[i]) * xt[i];
     const float r = static_cast<float>(1.0 / std::sqrt(ss / static_cast<double>(dim) + eps));
     for (int64_t i = 0; i < dim; ++i) ot[i] = w[i] * (xt[i] * r);
+  }
+}
+
+void quantize_activations_int8(const float* x, int64_t n, int64_t dim, float* out) {
+  for (int64_t t = 0; t < n; ++t) {
+    const float* xt = x + t * dim;
+    float* ot = out + t * dim;
+    float m = 0.0f;
+    for (int64_t j = 0; j < dim; ++j) m = std::max(m, std::abs(xt[j]));
+    if (m == 0.0f) {
+      std::fill(ot, ot + dim, 0.0f);
+      continue;
+    }
+    const float scale = m / 127.0f;
+    for (int64_t j = 0; j < dim; ++j)
+      ot[j] = std::clamp(std::nearbyint(xt[j] / scale), -127.0f, 127.0f) * scale;
   }
 }
 
@@ -156,6 +199,8 @@ std::unique_ptr<Model> Model::load(const std::string& dir) {
   std::unique_ptr<Model> m(new Model());
   m->config_ = io::ModelConfig::from_dir(dir);
   m->checkpoint_ = io::Checkpoint::open_dir(dir);
+  m->compression_ = io::read_compression_config(
+      nlohmann::json::parse(read_text_file(dir + "/config.json")), dir + "/config.json");
   const io::ModelConfig& c = m->config_;
   const io::Checkpoint& ck = m->checkpoint_;
   const int64_t h = c.hidden_size, q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
@@ -166,26 +211,28 @@ std::unique_ptr<Model> Model::load(const std::string& dir) {
     Block& b = m->blocks_[static_cast<size_t>(l)];
     b.attn_norm = load_vector(ck, p + "input_layernorm.weight", h);
     b.mlp_norm = load_vector(ck, p + "post_attention_layernorm.weight", h);
-    b.q = load_linear(ck, p + "self_attn.q_proj", q, h, c.attention_bias);
-    b.k = load_linear(ck, p + "self_attn.k_proj", kv, h, c.attention_bias);
-    b.v = load_linear(ck, p + "self_attn.v_proj", kv, h, c.attention_bias);
-    b.o = load_linear(ck, p + "self_attn.o_proj", h, q, c.o_bias);
-    b.gate = load_linear(ck, p + "mlp.gate_proj", c.intermediate_size, h, c.mlp_bias);
-    b.up = load_linear(ck, p + "mlp.up_proj", c.intermediate_size, h, c.mlp_bias);
-    b.down = load_linear(ck, p + "mlp.down_proj", h, c.intermediate_size, c.mlp_bias);
+    b.q = load_linear(ck, p + "self_attn.q_proj", q, h, c.attention_bias, m->compression_);
+    b.k = load_linear(ck, p + "self_attn.k_proj", kv, h, c.attention_bias, m->compression_);
+    b.v = load_linear(ck, p + "self_attn.v_proj", kv, h, c.attention_bias, m->compression_);
+    b.o = load_linear(ck, p + "self_attn.o_proj", h, q, c.o_bias, m->compression_);
+    b.gate = load_linear(ck, p + "mlp.gate_proj", c.intermediate_size, h, c.mlp_bias, m->compression_);
+    b.up = load_linear(ck, p + "mlp.up_proj", c.intermediate_size, h, c.mlp_bias, m->compression_);
+    b.down = load_linear(ck, p + "mlp.down_proj", h, c.intermediate_size, c.mlp_bias, m->compression_);
   }
   m->final_norm_ = load_vector(ck, "model.norm.weight", h);
   if (c.tie_word_embeddings && ck.find("lm_head.weight") == nullptr) {
     m->lm_head_.name = "model.embed_tokens.weight";
     m->lm_head_.weight = kernels::DenseWeight{m->embed_.dtype, c.vocab_size, h, m->embed_.data};
   } else {
-    m->lm_head_ = load_linear(ck, "lm_head", c.vocab_size, h, false);
+    m->lm_head_ = load_linear(ck, "lm_head", c.vocab_size, h, false, m->compression_);
   }
   m->rope_inv_freq_ = rope_inverse_frequencies(c);
   return m;
 }
 
 size_t Model::weight_bytes_per_token() const {
+  // What one step reads: the weights as the kernels see them (decoded f32 for compressed
+  // layers, until their packed kernels exist).
   auto bytes = [](const Linear& l) {
     return static_cast<size_t>(l.weight.rows * l.weight.cols) * dtype_size(l.weight.dtype) +
            l.bias.size() * sizeof(float);
@@ -206,6 +253,7 @@ void BlockWorkspace::reserve(const io::ModelConfig& c, int64_t n) {
   grow(up, c.intermediate_size);
   grow(cos, c.head_dim / 2);
   grow(sin, c.head_dim / 2);
+  grow(xq, std::max({c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size}));
   tokens = n;
 }
 
@@ -231,6 +279,13 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
   auto run_linear = [&](const char* tag, const Linear& l, const float* in, int64_t ldin,
                         float* out, int64_t ldout) {
     if (hook) hook(layer, tag, in, n);
+    if (l.input_bits == 8) {
+      const int64_t cols = l.weight.cols;
+      for (int64_t t = 0; t < n; ++t)
+        quantize_activations_int8(in + t * ldin, 1, cols, ws.xq.data() + t * cols);
+      in = ws.xq.data();
+      ldin = cols;
+    }
     kernels::linear(l.weight, in, ldin, n, out, ldout, pool);
     add_bias(out, ldout, n, l.bias);
   };
@@ -245,7 +300,7 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
   float* kc = k_cache + pos0 * kvw;
   float* vc = v_cache + pos0 * kvw;
   rms_norm(x, b.attn_norm.data(), eps, n, h, xn);
-  if (hook) {
+  if (hook || b.q.input_bits || b.k.input_bits || b.v.input_bits) {
     run_linear("q", b.q, xn, h, q, qw);
     run_linear("k", b.k, xn, h, kc, kvw);
     run_linear("v", b.v, xn, h, vc, kvw);
@@ -264,7 +319,7 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
   for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];
 
   rms_norm(x, b.mlp_norm.data(), eps, n, h, xn);
-  if (hook) {
+  if (hook || b.gate.input_bits || b.up.input_bits) {
     run_linear("gate", b.gate, xn, h, gate, ffn);
     run_linear("up", b.up, xn, h, up, ffn);
   } else {

@@ -3,13 +3,16 @@
 #include <fmt/format.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
 #include <nlohmann/json.hpp>
 
+#include "sparsa/compress/pipeline.h"
 #include "sparsa/core/cpu.h"
 #include "sparsa/core/error.h"
+#include "sparsa/core/mapped_file.h"
 #include "sparsa/core/progress.h"
 #include "sparsa/core/thread_pool.h"
 #include "sparsa/io/text_data.h"
@@ -19,6 +22,10 @@
 #include "sparsa/runtime/generator.h"
 #include "sparsa/runtime/perplexity.h"
 #include "sparsa/runtime/tokenizer.h"
+
+#ifdef SPARSA_HAVE_SERVER
+void add_serve_command(CLI::App& app);  // tools/sparsa/serve.cc
+#endif
 
 namespace {
 
@@ -129,9 +136,82 @@ int cmd_eval(const std::string& model_dir, const std::string& data, int64_t ctx,
   return 0;
 }
 
+struct CompressArgs {
+  std::string model, recipe, calib, out;
+  int64_t samples = -1, seq_len = -1;
+  int threads = 0;
+  bool json = false, overwrite = false;
+};
+
+int cmd_compress(const CompressArgs& a) {
+  sparsa::ThreadPool pool(a.threads);
+  sparsa::compress::CompressOptions o;
+  o.model_dir = a.model;
+  o.recipe_path = a.recipe;
+  o.calibration_path = a.calib;
+  o.output_dir = a.out;
+  o.samples = a.samples;
+  o.seq_len = a.seq_len;
+  o.overwrite = a.overwrite;
+  const sparsa::compress::CompressReport r = sparsa::compress::compress_model(o, pool);
+  double err_sum = 0;
+  int n_err = 0;
+  for (const auto& l : r.linears)
+    if (l.relative_error > 0) err_sum += l.relative_error, ++n_err;
+  const double mean_err = n_err ? err_sum / n_err : 0.0;
+  std::vector<double> ls = r.layer_seconds;
+  std::sort(ls.begin(), ls.end());
+  const double median_layer = ls.empty() ? 0.0 : ls[ls.size() / 2];
+  if (a.json) {
+    json linears = json::array();
+    for (const auto& l : r.linears)
+      linears.push_back({{"name", l.name},
+                         {"shape", {l.rows, l.cols}},
+                         {"format", l.format},
+                         {"sparsity", l.sparsity},
+                         {"bits_per_weight", l.bits_per_weight},
+                         {"bytes", l.bytes},
+                         {"relative_error", l.relative_error}});
+    std::cout << json{{"output", a.out},
+                      {"calibration_tokens", r.calibration_tokens},
+                      {"seconds", r.seconds},
+                      {"layer_seconds", r.layer_seconds},
+                      {"peak_rss_anon_bytes", r.peak_rss_anon_bytes},
+                      {"output_bytes", r.output_bytes},
+                      {"sparsity", r.total_sparsity},
+                      {"bits_per_weight", r.total_bits_per_weight},
+                      {"mean_relative_error", mean_err},
+                      {"linears", linears}}
+                     .dump()
+              << "\n";
+    return 0;
+  }
+  std::cout << fmt::format("{:<34} {:>12} {:>18} {:>8} {:>6} {:>11} {:>10}\n", "tensor", "shape",
+                           "format", "sparsity", "bits", "bytes", "rel.error");
+  for (const auto& l : r.linears)
+    std::cout << fmt::format("{:<34} {:>12} {:>18} {:>7.1f}% {:>6.2f} {:>11} {:>10.3e}\n", l.name,
+                             fmt::format("{}x{}", l.rows, l.cols), l.format, 100 * l.sparsity,
+                             l.bits_per_weight, l.bytes, l.relative_error);
+  std::cout << fmt::format(
+      "total: {:.1f}% sparse, {:.2f} bits per weight over the compressed layers; mean relative "
+      "error {:.3e}\n{} calibration tokens; {:.1f} s ({:.2f} s per layer, median); peak RssAnon "
+      "{:.0f} MB; wrote {} ({:.1f} MB)\n",
+      100 * r.total_sparsity, r.total_bits_per_weight, mean_err, r.calibration_tokens, r.seconds,
+      median_layer, static_cast<double>(r.peak_rss_anon_bytes) / 1e6, a.out,
+      static_cast<double>(r.output_bytes) / 1e6);
+  return 0;
+}
+
 int cmd_inspect(const std::string& model_dir, bool as_json) {
   const auto cfg = sparsa::io::ModelConfig::from_dir(model_dir);
   const auto ck = sparsa::io::Checkpoint::open_dir(model_dir);
+  const std::string config_path = model_dir + "/config.json";
+  const json config_json = json::parse(sparsa::read_text_file(config_path));
+  json compression = json::object();
+  for (const char* key : {"quantization_config", "sparsa_config"})
+    if (config_json.contains(key)) compression[key] = config_json[key];
+  // Validates them (and names the field at fault).
+  (void)sparsa::io::read_compression_config(config_json, config_path);
   json tensors = json::array();
   size_t total = 0;
   int64_t params = 0;
@@ -154,7 +234,8 @@ int cmd_inspect(const std::string& model_dir, bool as_json) {
                         {"tensors", tensors.size()},
                         {"parameters", params},
                         {"bytes", total},
-                        {"bytes_by_dtype", by_dtype}};
+                        {"bytes_by_dtype", by_dtype},
+                        {"compression", compression}};
   if (as_json) {
     json out = summary;
     out["tensor_list"] = tensors;
@@ -173,6 +254,7 @@ int cmd_inspect(const std::string& model_dir, bool as_json) {
                              t["dtype"].get<std::string>(),
                              shape_str(t["shape"].get<std::vector<int64_t>>()),
                              t["bytes"].get<size_t>());
+  if (!compression.empty()) std::cout << "compression: " << compression.dump() << "\n";
   std::cout << fmt::format("{} tensors in {} file(s), {} parameters, {:.2f} MB\n", tensors.size(),
                            ck.files().size(), params, static_cast<double>(total) / 1e6);
   return 0;
@@ -322,6 +404,20 @@ int main(int argc, char** argv) {
   init->add_option("--head-dim", ia.head_dim);
   init->add_option("--context", ia.context)->capture_default_str();
   init->add_flag("--tied", ia.tied, "tie lm_head to the embeddings");
+  CompressArgs ca;
+  auto* comp = app.add_subcommand("compress", "one-shot compression of a model by a YAML recipe");
+  comp->add_option("model", ca.model, "dense model directory")->required();
+  comp->add_option("-r,--recipe", ca.recipe, "recipe YAML (see recipes/)")->required();
+  comp->add_option("--calib", ca.calib, "calibration text: JSON lines or plain text")->required();
+  comp->add_option("-o,--output", ca.out, "output directory")->required();
+  comp->add_option("--samples", ca.samples, "calibration windows (default: the recipe's, 128)");
+  comp->add_option("--seq-len", ca.seq_len, "tokens per window (default: the recipe's, 512)");
+  comp->add_option("-t,--threads", ca.threads, "threads (default: all cores)");
+  comp->add_flag("--overwrite", ca.overwrite, "replace the output directory if it exists");
+  comp->add_flag("--json", ca.json, "print one JSON object");
+#ifdef SPARSA_HAVE_SERVER
+  add_serve_command(app);
+#endif
 
   try {
     app.parse(argc, argv);
@@ -336,6 +432,7 @@ int main(int argc, char** argv) {
     bopt.bandwidth_bytes = bw_mb << 20;
     if (*bench) return cmd_bench(bench_model, bench_threads, bopt, bench_json);
     if (*init) return cmd_init_random(ia);
+    if (*comp) return cmd_compress(ca);
   } catch (const sparsa::Error& e) {
     std::fflush(stdout);
     std::fprintf(stderr, "error: %s\n", e.what());

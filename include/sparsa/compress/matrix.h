@@ -51,6 +51,12 @@ class InputStats {
   bool has_hessian() const { return !xtx_.empty(); }
   /// H = 2/N XᵀX, [cols, cols] row-major (flushes pending tokens first).
   std::vector<double> hessian(ThreadPool& pool);
+  /// Frees XᵀX (after hessian() was taken); the per-column statistics stay.
+  void drop_hessian() {
+    std::vector<double>().swap(xtx_);
+    std::vector<float>().swap(pending_);
+    n_pending_ = 0;
+  }
   /// Σ_t x_tj² per column (the squared L2 norm Wanda uses).
   const std::vector<double>& sq_norms() const { return sq_; }
   const std::vector<float>& col_min() const { return min_; }

@@ -72,7 +72,7 @@ class ThreadPool {
   std::atomic<TaskFn> fn_{nullptr};
   std::atomic<void*> ctx_{nullptr};
   uint64_t generation_ = 0;  // the caller's copy
-  bool stop_ = false;
+  std::atomic<bool> stop_{false};
 };
 
 /// The number of threads to use when the user gives none: the hardware threads, at most 64.

@@ -254,3 +254,37 @@ CompressionConfig read_compression_config(const nlohmann::json& config_json,
                                           const std::string& source);
 
 }  // namespace sparsa::io
+
+// ---- reading a compressed linear weight back ----------------------------------------------------
+
+namespace sparsa::io {
+
+class Checkpoint;
+
+/// One linear weight of a checkpoint, decoded to f32 [rows, cols], whatever its layout: a plain
+/// `weight` (f32/f16/bf16, or int8 of "int-quantized" times its weight_scale), pack-quantized,
+/// sparse-bitmask, sparse-24-bitmask, sparsa-palettized or sparsa-low-rank. The arithmetic is
+/// the one the compression passes use, so the values are bit-identical to the compressed
+/// weights they were written from: w = scale · (code − zero) in f32, palette[index], and
+/// low_rank_product(U, V).
+struct DecodedWeight {
+  std::vector<float> values;  // [rows, cols]
+  std::string format;         // "dense", "pack-quantized", "int-quantized", "sparse-bitmask", ...
+  int input_activation_bits = 0;  // 8: the layer expects dynamically int8-quantized inputs
+};
+
+/// Whether `module` ("model.layers.0.mlp.down_proj") is stored in any of the layouts above (as
+/// opposed to a plain float `weight`, which callers may keep memory-mapped).
+bool is_compressed_weight(const Checkpoint& ck, const std::string& module);
+
+/// Decodes `module`'s weight, checking every tensor's dtype and shape against [rows, cols] and
+/// `config`; errors name the tensor and what is wrong.
+DecodedWeight decode_weight(const Checkpoint& ck, const std::string& module, int64_t rows,
+                            int64_t cols, const CompressionConfig& config);
+
+/// W = U V for U [rows, rank] and V [rank, cols], accumulated in f32 over k in order (the one
+/// definition both the low-rank pass and the loader use).
+std::vector<float> low_rank_product(const float* u, const float* v, int64_t rows, int64_t rank,
+                                    int64_t cols);
+
+}  // namespace sparsa::io

@@ -17,6 +17,7 @@
 #include <vector>
 
 #include "sparsa/core/thread_pool.h"
+#include "sparsa/io/compressed_tensors.h"
 #include "sparsa/io/model_config.h"
 #include "sparsa/io/safetensors.h"
 #include "sparsa/kernels/linear.h"
@@ -48,9 +49,18 @@ class KvCache {
 
 /// A linear layer: y = x Wᵀ + b.
 struct Linear {
-  std::string name;  // tensor name of the weight
+  std::string name;  // tensor name of the weight (or module name when stored compressed)
   kernels::DenseWeight weight;
   std::vector<float> bias;  // empty when none
+  /// 8: the input is quantized to int8 per token (symmetric, max|x| / 127) before the product,
+  /// as W8A8 (SmoothQuant) layers run; 0: f32 input.
+  int input_bits = 0;
+  /// The stored format ("dense" when memory-mapped as is).
+  std::string format = "dense";
+  /// Decoded weights this layer owns (compressed checkpoints); `weight` points into them.
+  std::shared_ptr<const std::vector<float>> owned;
+  /// Bytes this layer's weight occupies on disk (what a kernel for its format would read).
+  size_t stored_bytes = 0;
 };
 
 struct Block {
@@ -66,7 +76,7 @@ using LinearInputHook =
 /// Activations of one block over a chunk of tokens; grown on demand, reused across calls.
 struct BlockWorkspace {
   int64_t tokens = 0;
-  std::vector<float> xn, q, attn, gate, up, cos, sin;
+  std::vector<float> xn, q, attn, gate, up, cos, sin, xq;
   void reserve(const io::ModelConfig& config, int64_t n_tokens);
 };
 
@@ -87,6 +97,10 @@ void apply_rope(float* x, int64_t ld, int64_t n, int64_t heads, int64_t hd, cons
 /// y[t] += bias for n rows of stride ld; nothing when bias is empty.
 void add_bias(float* y, int64_t ld, int64_t n, const std::vector<float>& bias);
 
+/// Per-token symmetric int8 fake quantization (W8A8's dynamic activation quantization):
+/// out[t] = clamp(round(x[t] / s), -127, 127) · s with s = max|x[t]| / 127; rows of dim floats.
+void quantize_activations_int8(const float* x, int64_t n, int64_t dim, float* out);
+
 /// RMSNorm over rows: out[t] = w * x[t] / sqrt(mean(x[t]²) + eps), x and out [n, dim].
 void rms_norm(const float* x, const float* w, float eps, int64_t n, int64_t dim, float* out);
 
@@ -98,6 +112,8 @@ class Model {
 
   const io::ModelConfig& config() const { return config_; }
   const io::Checkpoint& checkpoint() const { return checkpoint_; }
+  /// The checkpoint's compression (quantization_config, sparsity_config, sparsa_config).
+  const io::CompressionConfig& compression() const { return compression_; }
   const std::vector<Block>& blocks() const { return blocks_; }
   const Linear& lm_head() const { return lm_head_; }
   const io::TensorView& embedding() const { return embed_; }
@@ -120,6 +136,7 @@ class Model {
 
   io::ModelConfig config_;
   io::Checkpoint checkpoint_;
+  io::CompressionConfig compression_;
   io::TensorView embed_;
   std::vector<Block> blocks_;
   std::vector<float> final_norm_;
