@@ -216,29 +216,35 @@ TEST(Server, DisconnectMidStreamFreesTheSequenceAndAFullQueueAnswers429) {
   EXPECT_EQ(metric_line(c, "sparsa_running_sequences"), "sparsa_running_sequences 0");
   EXPECT_EQ(metric_line(c, "sparsa_sequences_cancelled_total"), "sparsa_sequences_cancelled_total 1");
 
-  // Fill the slot and the queue with streams that stay open, then ask once more.
-  std::atomic<bool> release{false};
-  std::vector<std::thread> holders;
-  for (int k = 0; k < 2; ++k)
-    holders.emplace_back([&] {
-      auto c2 = s.client();
-      httplib::Request req;
-      req.method = "POST";
-      req.path = "/v1/completions";
-      req.set_header("Content-Type", "application/json");
-      req.body = json{{"model", "tiny"}, {"prompt", "The kernel scheduler"}, {"max_tokens", 1000},
-                      {"stream", true}, {"temperature", 0}}.dump();
-      req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) { return !release.load(); };
-      c2.send(req);
-    });
-  for (int i = 0; i < 20000 && metric_line(c, "sparsa_queue_depth") != "sparsa_queue_depth 1"; ++i)
-    std::this_thread::sleep_for(std::chrono::milliseconds(1));
-  const Reply r = post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "x"}, {"max_tokens", 2}}.dump());
+  // Fill the slot and the queue with streams, then ask once more while the queue is full. On a
+  // loaded machine the first stream can finish before the probe arrives (tiny decodes a
+  // thousand tokens in well under a second), so the attempt is repeated a few times.
+  Reply r;
+  for (int attempt = 0; attempt < 5; ++attempt) {
+    std::atomic<bool> release{false};
+    std::vector<std::thread> holders;
+    for (int k = 0; k < 2; ++k)
+      holders.emplace_back([&] {
+        auto c2 = s.client();
+        httplib::Request req;
+        req.method = "POST";
+        req.path = "/v1/completions";
+        req.set_header("Content-Type", "application/json");
+        req.body = json{{"model", "tiny"}, {"prompt", "The kernel scheduler"}, {"max_tokens", 1000},
+                        {"stream", true}, {"temperature", 0}}.dump();
+        req.content_receiver = [&](const char*, size_t, uint64_t, uint64_t) { return !release.load(); };
+        c2.send(req);
+      });
+    for (int i = 0; i < 20000 && metric_line(c, "sparsa_queue_depth") != "sparsa_queue_depth 1"; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    r = post(c, "/v1/completions", json{{"model", "tiny"}, {"prompt", "x"}, {"max_tokens", 2}}.dump());
+    release = true;
+    for (auto& t : holders) t.join();
+    if (r.status == 429) break;
+  }
   EXPECT_EQ(r.status, 429) << r.raw;
   EXPECT_EQ(r.body["error"]["code"], "queue_full");
   EXPECT_NE(r.body["error"]["message"].get<std::string>().find("busy"), std::string::npos);
-  release = true;
-  for (auto& t : holders) t.join();
 }
 
 struct Malformed {
