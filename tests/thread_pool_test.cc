@@ -32,6 +32,20 @@ TEST(ThreadPool, EveryTaskRunsExactlyOnceAcrossJobsOfVaryingSize) {
   }
 }
 
+// Pools created and destroyed while workers may still be waking for their last job: a late
+// worker must never run a task of a job whose caller has returned (its closure is gone).
+TEST(ThreadPool, ShortLivedPoolsNeverRunAStaleTask) {
+  for (int p = 0; p < 100; ++p) {
+    ThreadPool pool(3);
+    for (int job = 0; job < 40; ++job) {
+      const int64_t n = 1 + job % 7;
+      std::vector<int> hits(static_cast<size_t>(n), 0);
+      pool.run(n, [&hits](int64_t t) { ++hits[static_cast<size_t>(t)]; });
+      for (int64_t i = 0; i < n; ++i) ASSERT_EQ(hits[static_cast<size_t>(i)], 1);
+    }
+  }
+}
+
 TEST(ThreadPool, ParallelForCoversTheRangeWithDisjointChunks) {
   ThreadPool pool(4);
   for (int64_t n : {1, 2, 7, 64, 1000, 4097}) {

@@ -8,6 +8,10 @@
 #include "sparsa/core/dtype.h"
 #include "sparsa/kernels/linear.h"
 
+namespace sparsa::formats {
+struct PackedView;
+}
+
 namespace sparsa::kernels {
 
 /// Up to this many tokens, linear() streams W once through the decode kernel; above, a GEMM.
@@ -50,9 +54,40 @@ SPARSA_DECLARE_ISA_KERNELS(avx2)
 SPARSA_DECLARE_ISA_KERNELS(avx512)
 #undef SPARSA_DECLARE_ISA_KERNELS
 
+/// Rows [r0, r1) of y = x Wᵀ for a packed weight and n_tokens <= kDecodeMaxTokens tokens.
+using FormatDecodeFn = void (*)(const formats::PackedView& w, const float* x, int64_t ldx,
+                                int64_t n_tokens, float* y, int64_t ldy, int64_t r0, int64_t r1);
+/// out[(r - r0) * cols + c] = W[r, c] in f32 for rows [r0, r1) (prefill's dequantized panels).
+using FormatDequantFn = void (*)(const formats::PackedView& w, int64_t r0, int64_t r1,
+                                 float* out);
+/// The packed-weight kernels of one (format, ISA): formats_<isa>.cc map a format to these.
+struct FormatKernels {
+  FormatDecodeFn decode = nullptr;
+  FormatDequantFn dequant = nullptr;
+};
+namespace generic {
+FormatKernels format_kernels(const formats::PackedView& w);
+}
+namespace avx2 {
+FormatKernels format_kernels(const formats::PackedView& w);
+}
+/// AVX-512 F/BW/DQ/VL plus VBMI and VBMI2 (byte expand): Ice Lake, Zen 4 and later.
+namespace avx512vbmi2 {
+FormatKernels format_kernels(const formats::PackedView& w);
+}
+
 /// Scratch buffers that live as long as their thread, one per slot, 64-byte aligned. A call
 /// returns at least n floats and invalidates the slot's previous pointer when it has to grow.
-enum class Scratch { kPackA, kPackB, kScores, kKeys, kQueries, kCount };
+enum class Scratch {
+  kPackA,
+  kPackB,
+  kScores,
+  kKeys,
+  kQueries,
+  kDequantW,   // packed_linear: a panel of packed weights dequantized for the prefill GEMM
+  kPermutedX,  // packed_linear: the input gathered into an act-order weight's column order
+  kCount
+};
 float* thread_scratch(Scratch slot, size_t n_floats);
 
 }  // namespace sparsa::kernels

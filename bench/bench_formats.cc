@@ -1,0 +1,204 @@
+// Micro-benchmarks of the packed-weight kernels (sparsa/kernels/packed_linear.h) at TinyLlama
+// shapes, per format:
+//   - decode (1 token): GB/s of packed weight streamed (bytes_per_second), and that as a fraction
+//     of the read bandwidth probed inside the same benchmark, just before and after the timed
+//     loop (counter frac_bw; bw_probe is the probe's mean). The weights cycle through copies
+//     totalling more than 256 MiB, so they come from DRAM as a model's layers do. Counter
+//     bits_per_weight: packed bytes · 8 / (rows · cols).
+//   - prefill (512 tokens): counter flops (2 · rows · cols · tokens per second).
+// Threads: SPARSA_BENCH_THREADS (default 2). ISA: SPARSA_FORCE_ISA.
+//   bench_formats --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
+//   bench_formats --benchmark_filter='Decode/int4g128/'
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <functional>
+#include <map>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "sparsa/compress/palettize.h"
+#include "sparsa/compress/prune.h"
+#include "sparsa/compress/quantize.h"
+#include "sparsa/core/dtype.h"
+#include "sparsa/core/thread_pool.h"
+#include "sparsa/formats/packed_weight.h"
+#include "sparsa/kernels/linear.h"
+#include "sparsa/kernels/packed_linear.h"
+
+namespace sparsa {
+namespace {
+
+using compress::Matrix;
+using formats::PackedWeight;
+
+constexpr size_t kStreamBytes = size_t{256} << 20;
+
+ThreadPool& pool() {
+  static ThreadPool p([] {
+    const char* env = std::getenv("SPARSA_BENCH_THREADS");
+    return env != nullptr ? std::atoi(env) : 2;
+  }());
+  return p;
+}
+
+kernels::BandwidthProbe& probe() {
+  static kernels::BandwidthProbe p(pool(), kStreamBytes);
+  return p;
+}
+
+Matrix random_matrix(int64_t rows, int64_t cols) {
+  std::mt19937 rng(static_cast<uint32_t>(rows * 31 + cols));
+  std::normal_distribution<float> dist(0.0f, 0.02f);
+  Matrix w(rows, cols);
+  for (float& f : w.data) f = dist(rng);
+  return w;
+}
+
+std::vector<float> random_input(size_t n) {
+  std::mt19937 rng(2);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& f : v) f = dist(rng);
+  return v;
+}
+
+PackedWeight quantized(Matrix w, int bits, const compress::Mask* keep) {
+  const compress::QuantResult q =
+      compress::rtn_quantize(w, {.bits = bits, .group_size = 128}, keep);
+  return formats::pack_quantized(q, keep);
+}
+
+PackedWeight palettized(Matrix w, int bits, const compress::Mask* keep) {
+  compress::PaletteOptions opts;
+  opts.bits = bits;
+  opts.max_iters = 10;
+  const compress::Palette p = compress::palettize(w, opts);
+  return formats::pack_palette(p, w.cols, keep);
+}
+
+compress::Mask mask(const Matrix& w, compress::SparsityPattern pattern) {
+  Matrix copy = w;
+  return compress::magnitude_prune(copy, pattern);
+}
+
+// The formats measured, by name.
+const std::map<std::string, std::function<PackedWeight(const Matrix&)>>& formats_table() {
+  static const std::map<std::string, std::function<PackedWeight(const Matrix&)>> t = {
+      {"bf16",
+       [](const Matrix& w) {
+         std::vector<uint16_t> h(w.data.size());
+         for (size_t i = 0; i < h.size(); ++i) h[i] = f32_to_bf16(w.data[i]);
+         return formats::pack_dense(DType::BF16, w.rows, w.cols, h.data(), true);
+       }},
+      {"int8g128", [](const Matrix& w) { return quantized(w, 8, nullptr); }},
+      {"int4g128", [](const Matrix& w) { return quantized(w, 4, nullptr); }},
+      {"int3g128", [](const Matrix& w) { return quantized(w, 3, nullptr); }},
+      {"sparse50-int4g128",
+       [](const Matrix& w) {
+         const auto k = mask(w, {.sparsity = 0.5});
+         return quantized(w, 4, &k);
+       }},
+      {"sparse70-int4g128",
+       [](const Matrix& w) {
+         const auto k = mask(w, {.sparsity = 0.7});
+         return quantized(w, 4, &k);
+       }},
+      {"sparse90-int4g128",
+       [](const Matrix& w) {
+         const auto k = mask(w, {.sparsity = 0.9});
+         return quantized(w, 4, &k);
+       }},
+      {"2of4-int4g128",
+       [](const Matrix& w) {
+         const auto k = mask(w, {.n = 2, .m = 4});
+         return quantized(w, 4, &k);
+       }},
+      {"sparse50-bf16",
+       [](const Matrix& w) {
+         return formats::pack_sparse(w, mask(w, {.sparsity = 0.5}), formats::ValueFormat{});
+       }},
+      {"palette3", [](const Matrix& w) { return palettized(w, 3, nullptr); }},
+      {"palette4", [](const Matrix& w) { return palettized(w, 4, nullptr); }},
+      {"sparse50-palette3",
+       [](const Matrix& w) {
+         const auto k = mask(w, {.sparsity = 0.5});
+         return palettized(w, 3, &k);
+       }},
+  };
+  return t;
+}
+
+void BM_Decode(benchmark::State& state, const std::string& name, int64_t rows, int64_t cols) {
+  const PackedWeight first = formats_table().at(name)(random_matrix(rows, cols));
+  const size_t copies = (kStreamBytes + first.bytes() - 1) / first.bytes() + 1;
+  std::vector<PackedWeight> ws;
+  ws.reserve(copies);
+  for (size_t c = 0; c < copies; ++c) ws.push_back(first.clone());
+  const std::vector<float> x = random_input(static_cast<size_t>(cols));
+  std::vector<float> y(static_cast<size_t>(rows));
+  const double bw_before = probe().sample();
+  size_t i = 0;
+  for (auto _ : state) {
+    kernels::linear(ws[i], x.data(), cols, 1, y.data(), rows, pool());
+    if (++i == copies) i = 0;
+    benchmark::DoNotOptimize(y.data());
+  }
+  const double bw = 0.5 * (bw_before + probe().sample());
+  const double bytes = static_cast<double>(state.iterations()) * static_cast<double>(first.bytes());
+  state.SetBytesProcessed(static_cast<int64_t>(bytes));
+  state.counters["frac_bw"] = benchmark::Counter(bytes / bw, benchmark::Counter::kIsRate);
+  state.counters["bw_probe"] = bw;
+  state.counters["bits_per_weight"] = 8.0 * static_cast<double>(first.bytes()) /
+                                      static_cast<double>(rows * cols);
+  state.SetLabel(first.describe());
+}
+
+void BM_Prefill(benchmark::State& state, const std::string& name, int64_t rows, int64_t cols) {
+  constexpr int64_t kTokens = 512;
+  const PackedWeight w = formats_table().at(name)(random_matrix(rows, cols));
+  const std::vector<float> x = random_input(static_cast<size_t>(kTokens * cols));
+  std::vector<float> y(static_cast<size_t>(kTokens * rows));
+  for (auto _ : state) {
+    kernels::linear(w, x.data(), cols, kTokens, y.data(), rows, pool());
+    benchmark::DoNotOptimize(y.data());
+  }
+  state.counters["flops"] = benchmark::Counter(
+      2.0 * static_cast<double>(state.iterations() * rows * cols * kTokens),
+      benchmark::Counter::kIsRate);
+  state.SetLabel(w.describe());
+}
+
+// TinyLlama-1.1B: q/o, gate/up, down.
+constexpr int64_t kShapes[][2] = {{2048, 2048}, {5632, 2048}, {2048, 5632}};
+
+void register_all() {
+  for (const auto& [name, make] : formats_table()) {
+    for (const auto& s : kShapes)
+      benchmark::RegisterBenchmark(
+          ("Decode/" + name + "/" + std::to_string(s[0]) + "x" + std::to_string(s[1])).c_str(),
+          [name = name, r = s[0], c = s[1]](benchmark::State& st) { BM_Decode(st, name, r, c); })
+          ->UseRealTime()
+          ->Unit(benchmark::kMicrosecond);
+    benchmark::RegisterBenchmark(("Prefill512/" + name + "/5632x2048").c_str(),
+                                 [name = name](benchmark::State& st) {
+                                   BM_Prefill(st, name, 5632, 2048);
+                                 })
+        ->UseRealTime()
+        ->Unit(benchmark::kMillisecond);
+  }
+}
+
+}  // namespace
+}  // namespace sparsa
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  sparsa::register_all();
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

@@ -1,0 +1,200 @@
+// linear() over packed weights: argument checks, the (format, ISA) kernel registry, the decode
+// driver (rows split across threads) and the prefill driver (panels of rows dequantized to f32,
+// then the dense blocked GEMM of linear.cc).
+#include "sparsa/kernels/packed_linear.h"
+
+#include <algorithm>
+
+#include "kernels/kernels_internal.h"
+#include "sparsa/core/error.h"
+#include "sparsa/kernels/linear.h"
+
+namespace sparsa::kernels {
+
+namespace {
+
+using formats::Codec;
+using formats::PackedView;
+using formats::PackedWeight;
+using formats::Positions;
+
+bool is_dense(const PackedView& v) {
+  return v.codec == Codec::Float && v.positions == Positions::All;
+}
+DenseWeight dense_of(const PackedView& v) { return {v.dtype, v.rows, v.cols, v.dense}; }
+
+bool cpu_has_vbmi2() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2");
+  }();
+  return has;
+}
+
+// The registry: each ISA's format_kernels() maps a format (codec, positions, bits, group shape)
+// to its kernels; AVX-512 without VBMI2 runs the AVX2 ones.
+FormatKernels find_format_kernels(const PackedView& v, Isa isa) {
+  switch (isa) {
+    case Isa::Avx512:
+      if (cpu_has_vbmi2()) return avx512vbmi2::format_kernels(v);
+      return avx2::format_kernels(v);
+    case Isa::Avx2:
+      return avx2::format_kernels(v);
+    case Isa::Generic:
+      break;
+  }
+  return generic::format_kernels(v);
+}
+
+DecodeFn dense_decode_fn(DType dtype, Isa isa) {
+  switch (isa) {
+    case Isa::Avx512: return avx512::linear_kernels(dtype).decode;
+    case Isa::Avx2: return avx2::linear_kernels(dtype).decode;
+    case Isa::Generic: break;
+  }
+  return generic::linear_kernels(dtype).decode;
+}
+
+// As linear.cc: small calls stay on one thread; decode chunks are multiples of 16 rows (whole
+// cache lines of y for each thread), about 4 per thread, claimed dynamically.
+constexpr int64_t kMinParallelWeights = int64_t{1} << 15;
+constexpr int64_t kDecodeRowAlign = 16;
+constexpr int64_t kDecodeChunksPerThread = 4;
+// Prefill dequantizes at most this many weights (16 MiB of f32) per GEMM call.
+constexpr int64_t kPrefillPanelWeights = int64_t{1} << 22;
+
+void check_args(const char* fn, Isa isa, const PackedView& v, const float* x, int64_t ldx,
+                int64_t n_tokens, const float* y, int64_t ldy) {
+  SPARSA_CHECK(static_cast<int>(isa) <= static_cast<int>(detect_isa()),
+               "{}: this CPU cannot run the {} kernels", fn, isa_name(isa));
+  SPARSA_CHECK(v.rows > 0 && v.cols > 0, "{}: the packed weight is empty", fn);
+  SPARSA_CHECK(n_tokens >= 0, "{}: n_tokens is negative ({})", fn, n_tokens);
+  if (n_tokens == 0) return;
+  SPARSA_CHECK(x != nullptr && y != nullptr, "{}: the input or output pointer is null", fn);
+  SPARSA_CHECK(ldx >= v.cols,
+               "{}: input row stride ldx = {} is smaller than the weight's {} input features", fn,
+               ldx, v.cols);
+  SPARSA_CHECK(ldy >= v.rows,
+               "{}: output row stride ldy = {} is smaller than the weight's {} output features",
+               fn, ldy, v.rows);
+}
+
+// x gathered into the weight's stored column order (act-order weights), else x itself.
+const float* permuted_input(const PackedView& v, const float* x, int64_t& ldx, int64_t n_tokens) {
+  if (v.perm == nullptr) return x;
+  float* xp = thread_scratch(Scratch::kPermutedX, static_cast<size_t>(n_tokens * v.cols));
+  for (int64_t t = 0; t < n_tokens; ++t)
+    for (int64_t j = 0; j < v.cols; ++j) xp[t * v.cols + j] = x[t * ldx + v.perm[j]];
+  ldx = v.cols;
+  return xp;
+}
+
+int64_t decode_step(int64_t rows, int64_t chunks) {
+  return ((rows + chunks - 1) / chunks + kDecodeRowAlign - 1) / kDecodeRowAlign * kDecodeRowAlign;
+}
+
+void decode(const FormatKernels& kn, const PackedView& v, const float* x, int64_t ldx,
+            int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool) {
+  const int64_t rows = v.rows;
+  if (pool.size() == 1 || rows * v.cols < kMinParallelWeights) {
+    kn.decode(v, x, ldx, n_tokens, y, ldy, 0, rows);
+    return;
+  }
+  const int64_t max_chunks = (rows + kDecodeRowAlign - 1) / kDecodeRowAlign;
+  const int64_t step =
+      decode_step(rows, std::min<int64_t>(pool.size() * kDecodeChunksPerThread, max_chunks));
+  pool.run((rows + step - 1) / step, [&](int64_t c) {
+    kn.decode(v, x, ldx, n_tokens, y, ldy, c * step, std::min(rows, (c + 1) * step));
+  });
+}
+
+void prefill(Isa isa, const FormatKernels& kn, const PackedView& v, const float* x, int64_t ldx,
+             int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool) {
+  const int64_t panel = std::clamp(kPrefillPanelWeights / v.cols / kDecodeRowAlign *
+                                       kDecodeRowAlign,
+                                   kDecodeRowAlign, v.rows);
+  float* w = thread_scratch(Scratch::kDequantW, static_cast<size_t>(panel * v.cols));
+  for (int64_t r0 = 0; r0 < v.rows; r0 += panel) {
+    const int64_t n = std::min(panel, v.rows - r0);
+    pool.parallel_for(n, kDecodeRowAlign, [&](int64_t b, int64_t e) {
+      kn.dequant(v, r0 + b, r0 + e, w + b * v.cols);
+    });
+    linear_isa(isa, DenseWeight{DType::F32, n, v.cols, w}, x, ldx, n_tokens, y + r0, ldy, pool);
+  }
+}
+
+}  // namespace
+
+void linear_isa(Isa isa, const PackedWeight& w, const float* x, int64_t ldx, int64_t n_tokens,
+                float* y, int64_t ldy, ThreadPool& pool) {
+  const PackedView& v = w.view();
+  check_args("linear", isa, v, x, ldx, n_tokens, y, ldy);
+  if (n_tokens == 0) return;
+  if (is_dense(v)) return linear_isa(isa, dense_of(v), x, ldx, n_tokens, y, ldy, pool);
+  const FormatKernels kn = find_format_kernels(v, isa);
+  x = permuted_input(v, x, ldx, n_tokens);
+  if (n_tokens <= kDecodeMaxTokens) {
+    decode(kn, v, x, ldx, n_tokens, y, ldy, pool);
+  } else {
+    prefill(isa, kn, v, x, ldx, n_tokens, y, ldy, pool);
+  }
+}
+
+void linear(const PackedWeight& w, const float* x, int64_t ldx, int64_t n_tokens, float* y,
+            int64_t ldy, ThreadPool& pool) {
+  linear_isa(active_isa(), w, x, ldx, n_tokens, y, ldy, pool);
+}
+
+void linear_many(const PackedLinearOutput* outs, int count, const float* x, int64_t ldx,
+                 int64_t n_tokens, ThreadPool& pool) {
+  constexpr int kMaxOutputs = 8;
+  const Isa isa = active_isa();
+  bool together = n_tokens > 0 && n_tokens <= kDecodeMaxTokens && count <= kMaxOutputs &&
+                  pool.size() > 1;
+  for (int i = 0; i < count; ++i) {
+    SPARSA_CHECK(outs[i].weight != nullptr, "linear_many: output {} has no weight", i);
+    const PackedView& v = outs[i].weight->view();
+    check_args("linear_many", isa, v, x, ldx, n_tokens, outs[i].y, outs[i].ldy);
+    together = together && v.perm == nullptr;  // each act-order weight needs its own input order
+  }
+  if (!together) {
+    for (int i = 0; i < count; ++i)
+      linear_isa(isa, *outs[i].weight, x, ldx, n_tokens, outs[i].y, outs[i].ldy, pool);
+    return;
+  }
+  FormatKernels kn[kMaxOutputs];
+  DecodeFn dense[kMaxOutputs];
+  int64_t first_chunk[kMaxOutputs + 1];
+  int64_t step[kMaxOutputs];
+  int64_t total_rows = 0;
+  for (int i = 0; i < count; ++i) {
+    const PackedView& v = outs[i].weight->view();
+    dense[i] = is_dense(v) ? dense_decode_fn(v.dtype, isa) : nullptr;
+    if (!is_dense(v)) kn[i] = find_format_kernels(v, isa);
+    total_rows += v.rows;
+  }
+  // Chunks of about total_rows / (threads · kDecodeChunksPerThread) rows, cut per output.
+  const int64_t target = std::max<int64_t>(
+      kDecodeRowAlign, total_rows / (pool.size() * kDecodeChunksPerThread) / kDecodeRowAlign *
+                           kDecodeRowAlign);
+  first_chunk[0] = 0;
+  for (int i = 0; i < count; ++i) {
+    const int64_t rows = outs[i].weight->rows();
+    step[i] = decode_step(rows, std::max<int64_t>(1, (rows + target / 2) / target));
+    first_chunk[i + 1] = first_chunk[i] + (rows + step[i] - 1) / step[i];
+  }
+  pool.run(first_chunk[count], [&](int64_t c) {
+    int i = 0;
+    while (c >= first_chunk[i + 1]) ++i;
+    const PackedLinearOutput& o = outs[i];
+    const PackedView& v = o.weight->view();
+    const int64_t r0 = (c - first_chunk[i]) * step[i], r1 = std::min(v.rows, r0 + step[i]);
+    if (dense[i] != nullptr) {
+      dense[i](dense_of(v), x, ldx, n_tokens, o.y, o.ldy, r0, r1);
+    } else {
+      kn[i].decode(v, x, ldx, n_tokens, o.y, o.ldy, r0, r1);
+    }
+  });
+}
+
+}  // namespace sparsa::kernels
