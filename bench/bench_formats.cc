@@ -1,14 +1,16 @@
 // Micro-benchmarks of the packed-weight kernels (sparsa/kernels/packed_linear.h) at TinyLlama
-// shapes, per format:
-//   - decode (1 token): GB/s of packed weight streamed (bytes_per_second), and that as a fraction
-//     of the read bandwidth probed inside the same benchmark, just before and after the timed
-//     loop (counter frac_bw; bw_probe is the probe's mean). The weights cycle through copies
-//     totalling more than 256 MiB, so they come from DRAM as a model's layers do. Counter
-//     bits_per_weight: packed bytes · 8 / (rows · cols).
+// shapes (and its 32000 × 2048 lm_head for int8), per format:
+//   - decode (1 or 8 tokens; input coded as int8 or f32, see kernels::DecodeInput): GB/s of
+//     packed weight streamed (bytes_per_second), and that as a fraction of the read bandwidth
+//     probed inside the same benchmark, just before and after the timed loop (counter frac_bw,
+//     the roofline: a decode step cannot read its weight faster; bw_probe is the probe's mean).
+//     The weights cycle through copies totalling more than 256 MiB, so they come from DRAM as a
+//     model's layers do. Counter bits_per_weight: packed bytes · 8 / (rows · cols);
+//     us_per_token: the time of one call divided by its tokens.
 //   - prefill (512 tokens): counter flops (2 · rows · cols · tokens per second).
 // Threads: SPARSA_BENCH_THREADS (default 2). ISA: SPARSA_FORCE_ISA.
 //   bench_formats --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
-//   bench_formats --benchmark_filter='Decode/int4g128/'
+//   bench_formats --benchmark_filter='Decode/int4g128/.*/t1/int8$'
 #include <benchmark/benchmark.h>
 
 #include <cstdint>
@@ -23,6 +25,7 @@
 #include "sparsa/compress/palettize.h"
 #include "sparsa/compress/prune.h"
 #include "sparsa/compress/quantize.h"
+#include "sparsa/core/cpu.h"
 #include "sparsa/core/dtype.h"
 #include "sparsa/core/thread_pool.h"
 #include "sparsa/formats/packed_weight.h"
@@ -121,6 +124,12 @@ const std::map<std::string, std::function<PackedWeight(const Matrix&)>>& formats
        [](const Matrix& w) {
          return formats::pack_sparse(w, mask(w, {.sparsity = 0.5}), formats::ValueFormat{});
        }},
+      {"int2g128", [](const Matrix& w) { return quantized(w, 2, nullptr); }},
+      {"sparse50-int8g128",
+       [](const Matrix& w) {
+         const auto k = mask(w, {.sparsity = 0.5});
+         return quantized(w, 8, &k);
+       }},
       {"palette3", [](const Matrix& w) { return palettized(w, 3, nullptr); }},
       {"palette4", [](const Matrix& w) { return palettized(w, 4, nullptr); }},
       {"sparse50-palette3",
@@ -132,18 +141,20 @@ const std::map<std::string, std::function<PackedWeight(const Matrix&)>>& formats
   return t;
 }
 
-void BM_Decode(benchmark::State& state, const std::string& name, int64_t rows, int64_t cols) {
+void BM_Decode(benchmark::State& state, const std::string& name, int64_t rows, int64_t cols,
+               int64_t n_tokens, kernels::DecodeInput input) {
   const PackedWeight first = formats_table().at(name)(random_matrix(rows, cols));
   const size_t copies = (kStreamBytes + first.bytes() - 1) / first.bytes() + 1;
   std::vector<PackedWeight> ws;
   ws.reserve(copies);
   for (size_t c = 0; c < copies; ++c) ws.push_back(first.clone());
-  const std::vector<float> x = random_input(static_cast<size_t>(cols));
-  std::vector<float> y(static_cast<size_t>(rows));
+  const std::vector<float> x = random_input(static_cast<size_t>(cols * n_tokens));
+  std::vector<float> y(static_cast<size_t>(rows * n_tokens));
+  const Isa isa = active_isa();
   const double bw_before = probe().sample();
   size_t i = 0;
   for (auto _ : state) {
-    kernels::linear(ws[i], x.data(), cols, 1, y.data(), rows, pool());
+    kernels::linear_isa(isa, input, ws[i], x.data(), cols, n_tokens, y.data(), rows, pool());
     if (++i == copies) i = 0;
     benchmark::DoNotOptimize(y.data());
   }
@@ -154,7 +165,11 @@ void BM_Decode(benchmark::State& state, const std::string& name, int64_t rows, i
   state.counters["bw_probe"] = bw;
   state.counters["bits_per_weight"] = 8.0 * static_cast<double>(first.bytes()) /
                                       static_cast<double>(rows * cols);
-  state.SetLabel(first.describe());
+  state.counters["us_per_token"] = benchmark::Counter(
+      1e-6 * static_cast<double>(state.iterations() * n_tokens),
+      benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+  const bool q8 = input == kernels::DecodeInput::Int8 && kernels::decode_quantizes_input(first, isa);
+  state.SetLabel(first.describe() + (q8 ? " int8-input" : " f32-input"));
 }
 
 void BM_Prefill(benchmark::State& state, const std::string& name, int64_t rows, int64_t cols) {
@@ -175,14 +190,23 @@ void BM_Prefill(benchmark::State& state, const std::string& name, int64_t rows, 
 // TinyLlama-1.1B: q/o, gate/up, down.
 constexpr int64_t kShapes[][2] = {{2048, 2048}, {5632, 2048}, {2048, 5632}};
 
-void register_all() {
-  for (const auto& [name, make] : formats_table()) {
-    for (const auto& s : kShapes)
+void register_decode(const std::string& name, int64_t rows, int64_t cols) {
+  for (int64_t n : {1, 8})
+    for (kernels::DecodeInput in : {kernels::DecodeInput::Int8, kernels::DecodeInput::F32})
       benchmark::RegisterBenchmark(
-          ("Decode/" + name + "/" + std::to_string(s[0]) + "x" + std::to_string(s[1])).c_str(),
-          [name = name, r = s[0], c = s[1]](benchmark::State& st) { BM_Decode(st, name, r, c); })
+          ("Decode/" + name + "/" + std::to_string(rows) + "x" + std::to_string(cols) + "/t" +
+           std::to_string(n) + (in == kernels::DecodeInput::Int8 ? "/int8" : "/f32"))
+              .c_str(),
+          [name, rows, cols, n, in](benchmark::State& st) {
+            BM_Decode(st, name, rows, cols, n, in);
+          })
           ->UseRealTime()
           ->Unit(benchmark::kMicrosecond);
+}
+
+void register_all() {
+  for (const auto& [name, make] : formats_table()) {
+    for (const auto& s : kShapes) register_decode(name, s[0], s[1]);
     benchmark::RegisterBenchmark(("Prefill512/" + name + "/5632x2048").c_str(),
                                  [name = name](benchmark::State& st) {
                                    BM_Prefill(st, name, 5632, 2048);
@@ -190,6 +214,8 @@ void register_all() {
         ->UseRealTime()
         ->Unit(benchmark::kMillisecond);
   }
+  // The lm_head of a 32000-token vocabulary.
+  for (const char* name : {"bf16", "int8g128"}) register_decode(name, 32000, 2048);
 }
 
 }  // namespace

@@ -58,7 +58,9 @@ TEST_P(ReloadTest, ReloadedCheckpointGivesBitIdenticalLogits) {
     EXPECT_GT(l.relative_error, 0.0) << l.name;
     EXPECT_LT(l.relative_error, 1.0) << l.name;  // 1: no better than all-zero weights
   }
-  auto model = model::Model::load(out);
+  // The dequantized reference path: the same f32 weights and kernels as the pipeline (the packed
+  // engine sums in another order for act-order and low-rank weights; packed_model_test.cc).
+  auto model = model::Model::load(out, {.linear = model::LinearPath::kReference});
   const int64_t n = static_cast<int64_t>(r.probe_tokens.size());
   const int64_t vocab = model->config().vocab_size;
   ASSERT_EQ(r.probe_logits.size(), static_cast<size_t>(n * vocab));

@@ -84,60 +84,125 @@ void expect_dequantizes_to(const PackedWeight& pw, const std::vector<float>& wan
     }
 }
 
-// Every runnable ISA × threads × token counts against the reference over dequantize_to. Outputs
-// are written with a padded stride whose pads must stay untouched.
+// The int8 decode input as packed_linear.h defines it, in the input's own column order: token
+// t's stored columns (perm) in blocks of 64, s = max|x| / 127, x̂ = s · round-half-even(x / s).
+struct QuantizedX {
+  std::vector<float> xhat;   // [n_tokens, cols]
+  std::vector<float> step;   // [n_tokens, cols]: s of the column's block
+};
+QuantizedX quantize_like_decode(const PackedView& v, const float* x, int64_t ldx, int64_t n) {
+  QuantizedX q;
+  const int64_t cols = v.cols;
+  q.xhat.resize(static_cast<size_t>(n * cols));
+  q.step.resize(q.xhat.size());
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t b0 = 0; b0 < cols; b0 += kBlockCols) {
+      const int64_t b1 = std::min(cols, b0 + kBlockCols);
+      const auto col = [&](int64_t j) { return v.perm != nullptr ? v.perm[j] : j; };
+      float amax = 0.0f;
+      for (int64_t j = b0; j < b1; ++j) amax = std::max(amax, std::abs(x[t * ldx + col(j)]));
+      const float s = amax / 127.0f;
+      for (int64_t j = b0; j < b1; ++j) {
+        const int64_t k = t * cols + col(j);
+        q.xhat[k] = s > 0.0f ? s * std::nearbyint(x[t * ldx + col(j)] / s) : 0.0f;
+        q.step[k] = s;
+      }
+    }
+  return q;
+}
+
+// Every runnable ISA × decode input × threads × token counts against the reference over
+// dequantize_to. With DecodeInput::Int8 where the kernel quantizes its input, the result is
+// checked twice: tightly against the reference on the same quantized input, and against the
+// exact reference within the error bound of that rounding, Σ_k |w_k| · s_k / 2. Palettes' int8
+// kernels use their tables as 16-bit integers: Σ_k |x̂_k| · qscale / 2 more. Outputs are written
+// with a padded stride whose pads must stay untouched.
 void check_kernels(const PackedWeight& pw, const std::string& what,
                    const std::vector<int64_t>& token_counts = {1, 2, 3, 5, 8, 9, 21}) {
   const int64_t rows = pw.rows(), cols = pw.cols();
+  const PackedView& v = pw.view();
   std::vector<float> w(static_cast<size_t>(rows * cols));
   pw.dequantize_to(w.data());
   const int64_t max_n = *std::max_element(token_counts.begin(), token_counts.end());
   const int64_t ldx = cols + 3, ldy = rows + 5;
   const std::vector<float> x = random_floats(static_cast<size_t>(max_n * ldx), 17);
+  const int64_t max_q = std::min<int64_t>(max_n, 8);
+  const QuantizedX xq = quantize_like_decode(v, x.data(), ldx, max_q);
   std::vector<double> ref(static_cast<size_t>(max_n * rows)), bound(ref.size());
+  std::vector<double> ref_q(static_cast<size_t>(max_q * rows)), bound_q(ref_q.size()),
+      bound_round(ref_q.size());
   for (int64_t t = 0; t < max_n; ++t)
     for (int64_t r = 0; r < rows; ++r) {
-      double s = 0.0, a = 0.0;
+      const double lut_step =
+          v.lut_qscale != nullptr ? 0.5 * v.lut_qscale[r / v.group_rows] : 0.0;
+      double s = 0.0, a = 0.0, sq = 0.0, aq = 0.0, round = 0.0;
       for (int64_t k = 0; k < cols; ++k) {
-        const double p = double{x[t * ldx + k]} * w[r * cols + k];
+        const double wk = w[r * cols + k];
+        const double p = double{x[t * ldx + k]} * wk;
         s += p;
         a += std::abs(p);
+        if (t < max_q) {
+          const double xh = xq.xhat[t * cols + k];
+          sq += xh * wk;
+          aq += std::abs(xh * wk) + std::abs(xh) * lut_step;
+          round += std::abs(wk) * 0.5 * xq.step[t * cols + k] + std::abs(xh) * lut_step;
+        }
       }
       ref[t * rows + r] = s;
       bound[t * rows + r] = kTol * a + 1e-30;
+      if (t < max_q) {
+        ref_q[t * rows + r] = sq;
+        bound_q[t * rows + r] = kTol * aq + 1e-30;
+        bound_round[t * rows + r] = 1.001 * round + kTol * a + 1e-30;
+      }
     }
   const float sentinel = std::numeric_limits<float>::quiet_NaN();
   for (int threads : {1, 2, 3}) {
     ThreadPool pool(threads);
     for (Isa isa : runnable_isas())
-      for (int64_t n : token_counts) {
-        std::vector<float> y(static_cast<size_t>(n * ldy), sentinel);
-        kernels::linear_isa(isa, pw, x.data(), ldx, n, y.data(), ldy, pool);
-        const std::string where = fmt::format("{} [{}, {}] {} threads={} n_tokens={}", what, rows,
-                                              cols, isa_name(isa), threads, n);
-        for (int64_t t = 0; t < n; ++t) {
-          for (int64_t r = 0; r < rows; ++r) {
-            const double err = std::abs(double{y[t * ldy + r]} - ref[t * rows + r]);
-            if (!(err <= bound[t * rows + r])) {
-              ADD_FAILURE() << where << ": y[" << t << ", " << r << "] = " << y[t * ldy + r]
-                            << ", reference " << ref[t * rows + r];
-              return;
+      for (kernels::DecodeInput input : {kernels::DecodeInput::F32, kernels::DecodeInput::Int8})
+        for (int64_t n : token_counts) {
+          const bool quantized = input == kernels::DecodeInput::Int8 && n <= 8 &&
+                                 kernels::decode_quantizes_input(pw, isa);
+          if (input == kernels::DecodeInput::Int8 && n > 8) continue;  // prefill: f32 input
+          std::vector<float> y(static_cast<size_t>(n * ldy), sentinel);
+          kernels::linear_isa(isa, input, pw, x.data(), ldx, n, y.data(), ldy, pool);
+          const std::string where =
+              fmt::format("{} [{}, {}] {} {} threads={} n_tokens={}", what, rows, cols,
+                          isa_name(isa), quantized ? "int8-input" : "f32-input", threads, n);
+          for (int64_t t = 0; t < n; ++t) {
+            for (int64_t r = 0; r < rows; ++r) {
+              const size_t i = static_cast<size_t>(t * rows + r);
+              const double got = y[t * ldy + r];
+              const double err = std::abs(got - ref[i]);
+              if (!quantized && !(err <= bound[i])) {
+                ADD_FAILURE() << where << ": y[" << t << ", " << r << "] = " << got
+                              << ", reference " << ref[i];
+                return;
+              }
+              if (quantized && !(std::abs(got - ref_q[i]) <= bound_q[i] && err <= bound_round[i])) {
+                ADD_FAILURE() << where << ": y[" << t << ", " << r << "] = " << got
+                              << ", reference on the quantized input " << ref_q[i]
+                              << ", exact reference " << ref[i] << " (rounding bound "
+                              << bound_round[i] << ")";
+                return;
+              }
             }
+            for (int64_t r = rows; r < ldy; ++r)
+              if (!std::isnan(y[t * ldy + r])) {
+                ADD_FAILURE() << where << ": wrote past the row into y[" << t << ", " << r << "]";
+                return;
+              }
           }
-          for (int64_t r = rows; r < ldy; ++r)
-            if (!std::isnan(y[t * ldy + r])) {
-              ADD_FAILURE() << where << ": wrote past the row into y[" << t << ", " << r << "]";
-              return;
-            }
         }
-      }
   }
 }
 
 struct Shape {
   int64_t rows, cols;
 };
-// Rows that are not a multiple of 16, columns with tails of every size class.
+// Rows that are not a multiple of 16, columns with tails of every size class; 576 columns make
+// 9 blocks, in groups of 192 (3 blocks) in PackedQuant.GroupsOfOddBlockCounts.
 const Shape kShapes[] = {{7, 64}, {33, 100}, {19, 200}, {70, 320}};
 
 // ---- quantized ----------------------------------------------------------------------------
@@ -162,6 +227,23 @@ TEST(PackedQuant, DenseMatchesCompressAndReference) {
       expect_dequantizes_to(pw, expected(q, {}), what);
       check_kernels(pw, what);
     }
+}
+
+// Groups of an odd number of 64-column blocks (192 columns): kernels that read two blocks at a
+// time meet blocks of two groups together.
+TEST(PackedQuant, GroupsOfOddBlockCounts) {
+  for (int bits : {8, 4, 3, 2}) {
+    Matrix w = random_matrix(21, 576, static_cast<uint32_t>(bits));
+    const auto q = compress::rtn_quantize(w, {.bits = bits, .group_size = 192});
+    const PackedWeight pw = pack_quantized(q);
+    expect_dequantizes_to(pw, expected(q, {}), pw.describe());
+    check_kernels(pw, pw.describe(), {1, 2, 8});
+    const Mask keep = make_mask(w, 0.6);
+    const auto qs = compress::rtn_quantize(w, {.bits = bits, .group_size = 192}, &keep);
+    const PackedWeight sparse = pack_quantized(qs, &keep, SparseEncoding::Bitmask);
+    expect_dequantizes_to(sparse, expected(qs, keep), sparse.describe());
+    check_kernels(sparse, sparse.describe(), {1, 3});
+  }
 }
 
 TEST(PackedQuant, SparseMatchesCompressAndReference) {
@@ -394,6 +476,43 @@ TEST(PackedErrors, RejectBadArgumentsWithClearMessages) {
   expect_error([&] { kernels::linear(pw, x.data(), 64, 1, y.data(), 4, pool); }, "ldy = 4");
   expect_error([&] { kernels::linear(PackedWeight{}, x.data(), 64, 1, y.data(), 8, pool); },
                "empty");
+}
+
+// ---- decode input coding ------------------------------------------------------------------
+
+TEST(PackedDecodeInput, ParsesSelectsAndReportsTheInt8Path) {
+  EXPECT_EQ(kernels::parse_decode_input("int8"), kernels::DecodeInput::Int8);
+  EXPECT_EQ(kernels::parse_decode_input("f32"), kernels::DecodeInput::F32);
+  expect_error([] { kernels::parse_decode_input("int4"); }, "unknown decode input 'int4'");
+
+  Matrix w = random_matrix(96, 256, 8);
+  const auto q = compress::rtn_quantize(w, {.bits = 4, .group_size = 128});
+  const PackedWeight pw = pack_quantized(q);
+  __builtin_cpu_init();
+  const bool vnni = detect_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512vbmi") &&
+                    __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512vnni");
+  EXPECT_EQ(kernels::decode_quantizes_input(pw, detect_isa()), vnni);
+  EXPECT_FALSE(kernels::decode_quantizes_input(pw, Isa::Generic));
+  std::vector<uint16_t> bf(w.data.size());
+  const PackedWeight dense = pack_dense(DType::BF16, 96, 256, bf.data(), false);
+  EXPECT_FALSE(kernels::decode_quantizes_input(dense, detect_isa()));
+  // Group sizes that split a 64-column block have no int8 kernel.
+  const auto q96 = compress::rtn_quantize(w, {.bits = 4, .group_size = 32});
+  EXPECT_FALSE(kernels::decode_quantizes_input(pack_quantized(q96), detect_isa()));
+
+  // linear() follows the process-wide setting.
+  ThreadPool pool(2);
+  const std::vector<float> x = random_floats(256 * 2, 3);
+  const kernels::DecodeInput saved = kernels::decode_input();
+  for (kernels::DecodeInput in : {kernels::DecodeInput::F32, kernels::DecodeInput::Int8}) {
+    kernels::set_decode_input(in);
+    EXPECT_EQ(kernels::decode_input(), in);
+    std::vector<float> a(2 * 96), b(a.size());
+    kernels::linear(pw, x.data(), 256, 2, a.data(), 96, pool);
+    kernels::linear_isa(active_isa(), in, pw, x.data(), 256, 2, b.data(), 96, pool);
+    EXPECT_EQ(a, b);
+  }
+  kernels::set_decode_input(saved);
 }
 
 }  // namespace

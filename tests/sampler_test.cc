@@ -2,7 +2,9 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
+#include <random>
 #include <vector>
 
 #include "sparsa/core/error.h"
@@ -85,6 +87,71 @@ TEST(Sampler, RepetitionPenaltyDiscouragesSeenTokens) {
   const std::vector<int32_t> history = {0};
   EXPECT_EQ(s.sample(l.data(), 3, history), 1);
   EXPECT_FLOAT_EQ(l[0], 2.0f / 1.5f);
+}
+
+// The draw over a whole vocabulary, written plainly: candidates ordered by a comparison sort
+// (largest first, ties by smaller id), softmax in double, top-p, then the inverse-CDF walk.
+int32_t reference_draw(const std::vector<float>& logits, const SamplingParams& p, Rng& rng) {
+  std::vector<std::pair<float, int32_t>> c;
+  for (size_t i = 0; i < logits.size(); ++i)
+    c.emplace_back(logits[i] / p.temperature, static_cast<int32_t>(i));
+  std::sort(c.begin(), c.end(), [](const auto& a, const auto& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  });
+  std::vector<double> prob(c.size());
+  double sum = 0;
+  for (size_t i = 0; i < c.size(); ++i) sum += prob[i] = std::exp(c[i].first - c[0].first);
+  for (double& x : prob) x /= sum;
+  size_t n = c.size();
+  if (p.top_p < 1.0f) {
+    double cum = 0;
+    size_t keep = 0;
+    while (keep < n) {
+      cum += prob[keep++];
+      if (cum >= p.top_p) break;
+    }
+    n = keep;
+  }
+  double total = 0;
+  for (size_t i = 0; i < n; ++i) total += prob[i];
+  double r = rng.uniform() * total;
+  for (size_t i = 0; i < n; ++i) {
+    r -= prob[i];
+    if (r < 0) return c[i].second;
+  }
+  return c[n - 1].second;
+}
+
+TEST(Sampler, LargeVocabularyDrawsAsAComparisonSortWould) {
+  // 8192 logits with many exact ties, both zeros and values spread over a wide range: the sort
+  // used for large vocabularies must give the same order (hence the same tokens) as the plain one.
+  std::mt19937 gen(5);
+  std::normal_distribution<float> dist(0.0f, 4.0f);
+  std::vector<float> logits(8192);
+  for (size_t i = 0; i < logits.size(); ++i) {
+    if (i % 7 == 0) logits[i] = 0.0f;
+    else if (i % 11 == 0) logits[i] = -0.0f;
+    else if (i % 5 == 0) logits[i] = 1.5f;
+    else logits[i] = std::round(dist(gen) * 8.0f) / 8.0f;
+  }
+  for (float top_p : {1.0f, 0.9f}) {
+    SamplingParams p;
+    p.temperature = 1.7f;
+    p.top_p = top_p;
+    p.seed = 99;
+    Sampler s(p);
+    Rng rng(p.seed);
+    int distinct = 0;
+    int32_t prev = -1;
+    for (int i = 0; i < 300; ++i) {
+      std::vector<float> l = logits;
+      const int32_t got = s.sample(l.data(), static_cast<int64_t>(l.size()), {});
+      ASSERT_EQ(got, reference_draw(logits, p, rng)) << "draw " << i << ", top_p " << top_p;
+      distinct += got != prev;
+      prev = got;
+    }
+    EXPECT_GT(distinct, 100);  // the draws do move around the vocabulary
+  }
 }
 
 TEST(Sampler, RejectsOutOfRangeParameters) {

@@ -114,6 +114,7 @@ std::vector<GenerateOptions> varied_options() {
       o.sampling.seed = static_cast<uint64_t>(100 + i);
     }
     if (i == 5) o.sampling.frequency_penalty = 0.5f;
+    if (i == 3) o.sampling.top_k = 0;  // the whole vocabulary sorted (not a partial sort)
     opts.push_back(o);
   }
   return opts;

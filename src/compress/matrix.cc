@@ -7,6 +7,8 @@
 #include "sparsa/core/error.h"
 #include "sparsa/kernels/linear.h"
 
+#include <cblas.h>
+
 namespace sparsa::compress {
 
 InputStats::InputStats(int64_t cols, bool with_hessian)
@@ -24,19 +26,28 @@ InputStats::InputStats(int64_t cols, bool with_hessian)
 void InputStats::flush(ThreadPool& pool) {
   if (n_pending_ == 0) return;
   const int64_t c = cols_;
-  // XᵀX of the block = Pᵀ-rows dotted with each other: P [c, kBlock] is both the weight matrix
-  // and the batch of "tokens" of one GEMM, giving [c, c].
-  std::vector<float> prod(static_cast<size_t>(c * c));
-  const kernels::DenseWeight w{DType::F32, c, n_pending_, pending_.data()};
-  if (n_pending_ < kBlock) {
-    // Compact the rows to the pending length so the GEMM sees a dense [c, n_pending] matrix.
-    for (int64_t j = 1; j < c; ++j)
-      std::copy_n(pending_.data() + j * kBlock, n_pending_, pending_.data() + j * n_pending_);
+  // XᵀX of the block is P Pᵀ with P = pending_ [c, n_pending] (row stride kBlock). Only the upper
+  // triangle is formed, in column panels: panel [j0, j0 + jb) needs rows 0 .. j0 + jb, so the
+  // f32 products cost half a full GEMM and a panel-sized buffer instead of a [c, c] one.
+  constexpr int64_t kPanel = 256;
+  panel_.resize(static_cast<size_t>(c * kPanel));
+  for (int64_t j0 = 0; j0 < c; j0 += kPanel) {
+    const int64_t jb = std::min(kPanel, c - j0);
+    const int64_t m = j0 + jb;
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(m), static_cast<int>(jb),
+                static_cast<int>(n_pending_), 1.0f, pending_.data(), static_cast<int>(kBlock),
+                pending_.data() + j0 * kBlock, static_cast<int>(kBlock), 0.0f, panel_.data(),
+                static_cast<int>(jb));
+    pool.parallel_for(m, 64, [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e; ++i) {
+        // Row i of the panel holds columns j0 .. j0 + jb; keep j >= i.
+        const int64_t first = std::max<int64_t>(0, i - j0);
+        const float* src = panel_.data() + i * jb;
+        double* dst = xtx_.data() + i * c + j0;
+        for (int64_t jj = first; jj < jb; ++jj) dst[jj] += src[jj];
+      }
+    });
   }
-  kernels::linear(w, pending_.data(), n_pending_, c, prod.data(), c, pool);
-  pool.parallel_for(c, 16, [&](int64_t b, int64_t e) {
-    for (int64_t i = b * c; i < e * c; ++i) xtx_[static_cast<size_t>(i)] += prod[static_cast<size_t>(i)];
-  });
   n_pending_ = 0;
 }
 
@@ -69,9 +80,9 @@ std::vector<double> InputStats::hessian(ThreadPool& pool) {
   const double s = 2.0 / static_cast<double>(tokens_);
   for (int64_t i = 0; i < c; ++i)
     for (int64_t j = 0; j < c; ++j) {
-      // Average the two triangles so H is exactly symmetric.
-      const double v = 0.5 * (xtx_[static_cast<size_t>(i * c + j)] + xtx_[static_cast<size_t>(j * c + i)]);
-      h[static_cast<size_t>(i * c + j)] = v * s;
+      // Only the upper triangle is accumulated; H is mirrored from it (exactly symmetric).
+      const int64_t a = std::min(i, j), b = std::max(i, j);
+      h[static_cast<size_t>(i * c + j)] = xtx_[static_cast<size_t>(a * c + b)] * s;
     }
   return h;
 }

@@ -39,6 +39,7 @@
 #include "sparsa/compress/quantize.h"
 #include "sparsa/compress/recipe.h"
 #include "sparsa/compress/smoothquant.h"
+#include "sparsa/compress/structured.h"
 #include "sparsa/core/dtype.h"
 #include "sparsa/core/error.h"
 #include "sparsa/core/mapped_file.h"
@@ -143,19 +144,26 @@ std::vector<float> to_f32(const io::TensorView& t) {
   return out;
 }
 
-// Σ_r a_r H a_rᵀ over the rows of a [rows, cols] (f32) with H [cols, cols] (f64), by row blocks.
+// Σ_r a_r H a_rᵀ over the rows of a [rows, cols] (f32) with H [cols, cols] (f64). H is taken in
+// f32 column panels so that one f32 GEMM per panel covers every row; the sum is kept in f64.
 double quad_form_sum(const float* a, int64_t rows, int64_t cols, const std::vector<double>& h) {
-  constexpr int64_t kRows = 64;
-  std::vector<double> ab(static_cast<size_t>(kRows * cols)), mb(ab.size());
+  constexpr int64_t kPanel = 256;
+  std::vector<float> hp(static_cast<size_t>(cols * kPanel)), m(static_cast<size_t>(rows * kPanel));
   double total = 0.0;
-  for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
-    const int64_t b = std::min(kRows, rows - r0);
-    for (int64_t i = 0; i < b * cols; ++i) ab[i] = a[r0 * cols + i];
-    cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(b),
-                static_cast<int>(cols), static_cast<int>(cols), 1.0, ab.data(),
-                static_cast<int>(cols), h.data(), static_cast<int>(cols), 0.0, mb.data(),
-                static_cast<int>(cols));
-    for (int64_t i = 0; i < b * cols; ++i) total += ab[i] * mb[i];
+  for (int64_t j0 = 0; j0 < cols; j0 += kPanel) {
+    const int64_t jb = std::min(kPanel, cols - j0);
+    for (int64_t i = 0; i < cols; ++i)
+      for (int64_t j = 0; j < jb; ++j)
+        hp[static_cast<size_t>(i * jb + j)] = static_cast<float>(h[static_cast<size_t>(i * cols + j0 + j)]);
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(rows),
+                static_cast<int>(jb), static_cast<int>(cols), 1.0f, a, static_cast<int>(cols),
+                hp.data(), static_cast<int>(jb), 0.0f, m.data(), static_cast<int>(jb));
+    for (int64_t r = 0; r < rows; ++r) {
+      double row = 0.0;
+      for (int64_t j = 0; j < jb; ++j)
+        row += static_cast<double>(a[r * cols + j0 + j]) * m[static_cast<size_t>(r * jb + j)];
+      total += row;
+    }
   }
   return total;
 }
@@ -189,6 +197,13 @@ struct Work {
   std::optional<Palette> palette;
   std::optional<LowRank> low_rank;
   bool changed = false;
+  // Structured pruning: w has fewer rows or columns than the dense [dense_rows, dense_cols];
+  // structured_error is ‖WX − ŴX − b‖² / ‖WX‖² over the inputs the layer had when its rows or
+  // columns were removed (Ŵ: the removed ones zero; b: the compensating bias, if any).
+  int64_t dense_rows = 0, dense_cols = 0;
+  bool structured = false;
+  bool bias_changed = false;
+  double structured_error = 0.0;
 };
 
 // Statistics of one input of the layer.
@@ -346,10 +361,61 @@ CompressReport compress_model(const CompressOptions& opt, ThreadPool& pool) {
   SPARSA_CHECK(seq_len >= 2 && seq_len <= cfg.max_context(),
                "compress: calibration sequence length {} is outside 2..{} (the model's context)",
                seq_len, cfg.max_context());
-  for (const Modifier* m : recipe.modifiers())
-    SPARSA_CHECK(m->type() != ModifierType::kStructuredPruning,
-                 "{}: StructuredPruningModifier is not supported by `compress` yet",
-                 recipe.source);
+  // Structured pruning changes the shapes every later modifier sees, and the saved config has
+  // one head count and one intermediate size: it comes first and covers every layer.
+  const StructuredPruningArgs* structured = nullptr;
+  int64_t groups_removed = 0, channels_removed = 0;
+  bool structured_then_more = false;
+  {
+    const std::vector<const Modifier*> mods = recipe.modifiers();
+    for (size_t i = 0; i < mods.size(); ++i) {
+      const Modifier* m = mods[i];
+      if (m->type() != ModifierType::kStructuredPruning) continue;
+      SPARSA_CHECK(i == 0,
+                   "{}: modifier 'StructuredPruningModifier' must be the recipe's first modifier "
+                   "(it changes the shapes the other modifiers work on)",
+                   recipe.source);
+      structured = &std::get<StructuredPruningArgs>(m->args);
+      structured_then_more = mods.size() > 1;
+      const std::string where = fmt::format("{}: stage '{}', modifier 'StructuredPruningModifier'",
+                                            recipe.source, recipe.stages.front().name);
+      const StructuredPruningArgs& a = *structured;
+      groups_removed = structured_prune_count(a.head_sparsity, cfg.num_kv_heads);
+      channels_removed = structured_prune_count(a.mlp_sparsity, cfg.intermediate_size);
+      SPARSA_CHECK(a.head_sparsity == 0 || groups_removed > 0,
+                   "{}, field 'head_sparsity': {} removes "
+                   "no whole KV-head group of {} (heads go in groups of {} query heads per KV "
+                   "head); give at least {}",
+                   where, a.head_sparsity, cfg.num_kv_heads,
+                   cfg.num_heads / cfg.num_kv_heads, 1.0 / static_cast<double>(cfg.num_kv_heads));
+      SPARSA_CHECK(a.mlp_sparsity == 0 || channels_removed > 0,
+                   "{}, field 'mlp_sparsity': {} removes no "
+                   "channel of {}",
+                   where, a.mlp_sparsity, cfg.intermediate_size);
+      SPARSA_CHECK(!a.bias_compensation || cfg.model_type == "llama",
+                   "{}, field 'bias_compensation': needs "
+                   "model_type llama (the only one of {} with o_proj and down_proj biases)",
+                   where, "llama, mistral, qwen2");
+      for (int64_t l = 0; l < cfg.num_layers; ++l) {
+        const std::string p = "model.layers." + std::to_string(l) + ".";
+        auto check_covered = [&](std::initializer_list<const char*> suffixes, bool pruned,
+                                 const char* what) {
+          for (const char* suffix : suffixes) {
+            SPARSA_CHECK(!pruned || m->applies_to(p + suffix),
+                         "{}, field 'targets': {} are "
+                         "pruned, but {}{} is not targeted (a standard config has one shape for "
+                         "every layer)",
+                         where, what, p, suffix);
+          }
+        };
+        check_covered({"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                       "self_attn.o_proj"},
+                      groups_removed > 0, "attention heads");
+        check_covered({"mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}, channels_removed > 0,
+                      "MLP channels");
+      }
+    }
+  }
   OutputDir out(opt.output_dir, opt.overwrite);
 
   const int64_t h = cfg.hidden_size, qdim = cfg.num_heads * cfg.head_dim,
@@ -438,6 +504,8 @@ CompressReport compress_model(const CompressOptions& opt, ThreadPool& pool) {
       wk.module = p + kSlots[i].suffix;
       wk.input = kSlots[i].input;
       wk.w = load_matrix(wk.module + ".weight", rows[i], cols[i]);
+      wk.dense_rows = rows[i];
+      wk.dense_cols = cols[i];
       wk.source = &ck.get(wk.module + ".weight");
       if (has_bias[i]) wk.bias = to_f32(ck.get(wk.module + ".bias"));
     }
@@ -459,7 +527,7 @@ CompressReport compress_model(const CompressOptions& opt, ThreadPool& pool) {
       ls[i]->name = wk.module;
       ls[i]->bias = wk.bias;
       ls[i]->input_bits = wk.w8a8 ? 8 : 0;
-      if (!wk.changed && wk.source != nullptr) {
+      if (!wk.changed && !wk.structured && wk.source != nullptr) {
         ls[i]->weight = kernels::DenseWeight{wk.source->dtype, wk.w.rows, wk.w.cols, wk.source->data};
       } else {
         ls[i]->weight = kernels::DenseWeight{DType::F32, wk.w.rows, wk.w.cols, wk.w.data.data()};
@@ -517,7 +585,12 @@ CompressReport compress_model(const CompressOptions& opt, ThreadPool& pool) {
   std::string low_rank_method;
   double zeros_total = 0, weights_total = 0, bytes_total = 0;
 
-  Progress prog("compress", cfg.num_layers * (2 * windows + 1), "step", opt.progress);
+  // Structured pruning re-gathers the statistics after removing heads (for the MLP's scores) and
+  // after all its removals (for the modifiers after it).
+  const int64_t extra_passes =
+      (groups_removed > 0 && channels_removed > 0 ? 1 : 0) + (structured_then_more ? 1 : 0);
+  Progress prog("compress", cfg.num_layers * ((2 + extra_passes) * windows + 1), "step",
+                opt.progress);
   for (int64_t l = 0; l < cfg.num_layers; ++l) {
     const auto t_layer = Clock::now();
     std::vector<Work> work;
@@ -525,22 +598,28 @@ CompressReport compress_model(const CompressOptions& opt, ThreadPool& pool) {
     load_block(l, work, attn_norm, mlp_norm);
     bool attn_norm_changed = false, mlp_norm_changed = false;
 
-    // Pass 1: statistics of the dense layer's inputs.
+    // Pass 1: statistics of the layer's inputs, under config c (the dense layer's, or the
+    // structurally pruned one's); with moments, also each input's per-column mean and variance.
     InputData in[kInputs];
-    for (int i = 0; i < kInputs; ++i) {
-      in[i].stats = InputStats(input_cols[i], true);
-      if (want_samples) in[i].sample = Matrix(std::min(kSampleTokens, n_tokens), input_cols[i]);
-    }
+    ChannelMoments moments[kInputs];
     const int64_t stride = std::max<int64_t>(1, n_tokens / kSampleTokens);
-    {
+    auto gather = [&](const io::ModelConfig& c, bool with_moments) {
+      const int64_t cols_of[kInputs] = {h, c.num_heads * c.head_dim, h, c.intermediate_size};
+      for (int i = 0; i < kInputs; ++i) {
+        in[i] = InputData{};
+        in[i].stats = InputStats(cols_of[i], true);
+        if (want_samples) in[i].sample = Matrix(std::min(kSampleTokens, n_tokens), cols_of[i]);
+        moments[i] = with_moments ? ChannelMoments(cols_of[i]) : ChannelMoments();
+      }
       const model::Block b = make_block(work, attn_norm, mlp_norm);
       int64_t window_index = 0;
       model::LinearInputHook hook = [&](int64_t, const char* tag, const float* xin, int64_t n) {
         const int which = input_of_tag(tag);
         if (which < 0) return;
         InputData& d = in[which];
-        const int64_t cols = input_cols[which];
+        const int64_t cols = cols_of[which];
         d.stats.accumulate(xin, n, cols, pool);
+        if (with_moments) moments[which].accumulate(xin, n, cols);
         if (want_samples) {
           for (int64_t t = 0; t < n; ++t) {
             const int64_t g = window_index * seq_len + t;
@@ -553,7 +632,7 @@ CompressReport compress_model(const CompressOptions& opt, ThreadPool& pool) {
         window_index = wi;
         std::copy(x.begin() + wi * seq_len * h, x.begin() + (wi + 1) * seq_len * h,
                   window.begin());
-        model::block_forward(cfg, b, l, inv_freq, window.data(), seq_len, 0, kc.data(),
+        model::block_forward(c, b, l, inv_freq, window.data(), seq_len, 0, kc.data(),
                              vc.data(), ws, hook, pool);
         prog.advance(1);
       }
@@ -561,9 +640,126 @@ CompressReport compress_model(const CompressOptions& opt, ThreadPool& pool) {
         d.sample.rows = d.sample_rows;
         d.sample.data.resize(static_cast<size_t>(d.sample_rows * d.sample.cols));
       }
-    }
-    sample_rss();
+      sample_rss();
+    };
+    gather(cfg, structured != nullptr);
     for (Work& wk : work) wk.original = wk.w;
+
+    // Structured pruning: whole GQA groups of heads, then MLP channels scored on the inputs
+    // they see once the heads are gone; every layer keeps the same number (lcfg's shape).
+    io::ModelConfig lcfg = cfg;
+    if (structured != nullptr) {
+      const StructuredPruningArgs& a = *structured;
+      const ChannelScore score = a.importance == Importance::kActivation    ? ChannelScore::kActivation
+                                 : a.importance == Importance::kFluctuation ? ChannelScore::kFluctuation
+                                                                            : ChannelScore::kMagnitude;
+      // ‖WX − ŴX − b‖² / ‖WX‖² over this input, Ŵ being W with the removed rows or columns zero:
+      // with H = 2/N XᵀX and mean μ, (N/2)·[tr(ΔW H ΔWᵀ) − 4 bᵀΔWμ + 2‖b‖²] over (N/2)·tr(W H Wᵀ).
+      auto removal_error = [&](const Matrix& w, const std::vector<int64_t>& kept, bool kept_rows,
+                               Input input, const std::vector<float>& b) {
+        const std::vector<double>& hh = in[input].hessian(pool);
+        Matrix delta = w;
+        std::vector<uint8_t> keep(static_cast<size_t>(kept_rows ? w.rows : w.cols), 0);
+        for (int64_t k : kept) keep[static_cast<size_t>(k)] = 1;
+        for (int64_t r = 0; r < w.rows; ++r)
+          for (int64_t c = 0; c < w.cols; ++c)
+            if (keep[static_cast<size_t>(kept_rows ? r : c)]) delta.at(r, c) = 0.0f;
+        double num = quad_form_sum(delta.data.data(), w.rows, w.cols, hh);
+        if (!b.empty()) {
+          const std::vector<double> mu = moments[input].mean();
+          for (int64_t r = 0; r < w.rows; ++r) {
+            double dmu = 0.0;
+            for (int64_t c = 0; c < w.cols; ++c) dmu += static_cast<double>(delta.at(r, c)) * mu[c];
+            num += -4.0 * b[r] * dmu + 2.0 * static_cast<double>(b[r]) * b[r];
+          }
+        }
+        const double den = quad_form_sum(w.data.data(), w.rows, w.cols, hh);
+        return den > 0 ? std::max(0.0, num) / den : 0.0;
+      };
+      // Slices a bias to the kept outputs; with compensation, a missing bias becomes zeros (the
+      // config's attention_bias / mlp_bias then covers the whole block).
+      auto slice_bias = [&](Work& wk, const std::vector<int64_t>& kept_rows) {
+        if (!wk.bias.empty()) wk.bias = select(wk.bias, kept_rows);
+        if (wk.bias.empty() && a.bias_compensation) wk.bias.assign(kept_rows.size(), 0.0f);
+        wk.bias_changed = true;
+      };
+      auto compensate = [&](Work& wk, const std::vector<float>& b) {
+        if (wk.bias.empty()) wk.bias.assign(static_cast<size_t>(wk.w.rows), 0.0f);
+        for (size_t r = 0; r < b.size(); ++r) wk.bias[r] += b[r];
+        round_all(dt, wk.bias);
+        wk.bias_changed = true;
+      };
+      if (groups_removed > 0) {
+        const HeadLayout layout{cfg.num_heads, cfg.num_kv_heads, cfg.head_dim};
+        Work &q = work[0], &k = work[1], &v = work[2], &o = work[3];
+        std::vector<double> channel = output_channel_scores(
+            o.w, score, in[kAttnOut].stats.sq_norms(),
+            score == ChannelScore::kFluctuation ? moments[kAttnOut].variance()
+                                                : std::vector<double>{});
+        if (score == ChannelScore::kMagnitude) {
+          const std::vector<double> qr = row_abs_sums(q.w);
+          for (size_t i = 0; i < channel.size(); ++i) channel[i] += qr[i];
+        }
+        std::vector<double> groups = sum_groups(channel, layout.group() * layout.head_dim);
+        if (score == ChannelScore::kMagnitude) {
+          const std::vector<double> kr = sum_groups(row_abs_sums(k.w), layout.head_dim);
+          const std::vector<double> vr = sum_groups(row_abs_sums(v.w), layout.head_dim);
+          for (size_t g = 0; g < groups.size(); ++g) groups[g] += kr[g] + vr[g];
+        }
+        const std::vector<int64_t> kept = keep_highest(groups, cfg.num_kv_heads - groups_removed);
+        const std::vector<int64_t> qc = kept_query_channels(layout, kept);
+        const std::vector<int64_t> kvc = kept_kv_channels(layout, kept);
+        std::vector<float> b;
+        if (a.bias_compensation) {
+          b = removed_channel_bias(o.w, qc, moments[kAttnOut].mean());
+          round_all(dt, b);
+        }
+        q.structured_error = removal_error(q.w, qc, true, kAttnIn, {});
+        k.structured_error = removal_error(k.w, kvc, true, kAttnIn, {});
+        v.structured_error = removal_error(v.w, kvc, true, kAttnIn, {});
+        o.structured_error = removal_error(o.w, qc, false, kAttnOut, b);
+        prune_kv_groups(q.w, k.w, v.w, o.w, layout, kept);
+        slice_bias(q, qc);
+        slice_bias(k, kvc);
+        slice_bias(v, kvc);
+        if (a.bias_compensation) compensate(o, b);
+        for (Work* wk : {&q, &k, &v, &o}) wk->structured = true;
+        lcfg.num_kv_heads = static_cast<int64_t>(kept.size());
+        lcfg.num_heads = lcfg.num_kv_heads * layout.group();
+        if (a.bias_compensation) lcfg.attention_bias = lcfg.o_bias = true;
+        if (channels_removed > 0) gather(lcfg, true);
+      }
+      if (channels_removed > 0) {
+        Work &gate = work[4], &up = work[5], &down = work[6];
+        std::vector<double> channel = output_channel_scores(
+            down.w, score, in[kMlpHidden].stats.sq_norms(),
+            score == ChannelScore::kFluctuation ? moments[kMlpHidden].variance()
+                                                : std::vector<double>{});
+        if (score == ChannelScore::kMagnitude) {
+          const std::vector<double> gr = row_abs_sums(gate.w), ur = row_abs_sums(up.w);
+          for (size_t i = 0; i < channel.size(); ++i) channel[i] += gr[i] + ur[i];
+        }
+        const std::vector<int64_t> kept =
+            keep_highest(channel, cfg.intermediate_size - channels_removed);
+        std::vector<float> b;
+        if (a.bias_compensation) {
+          b = removed_channel_bias(down.w, kept, moments[kMlpHidden].mean());
+          round_all(dt, b);
+        }
+        gate.structured_error = removal_error(gate.w, kept, true, kMlpIn, {});
+        up.structured_error = removal_error(up.w, kept, true, kMlpIn, {});
+        down.structured_error = removal_error(down.w, kept, false, kMlpHidden, b);
+        prune_mlp_channels(gate.w, up.w, down.w, kept);
+        slice_bias(gate, kept);
+        slice_bias(up, kept);
+        if (a.bias_compensation) compensate(down, b);
+        for (Work* wk : {&gate, &up, &down}) wk->structured = true;
+        lcfg.intermediate_size = static_cast<int64_t>(kept.size());
+        if (a.bias_compensation) lcfg.mlp_bias = true;
+      }
+      if (structured_then_more) gather(lcfg, false);
+      for (Work& wk : work) wk.original = wk.w;
+    }
 
     // The modifiers, in recipe order.
     auto find_work = [&](const std::string& pattern_target) -> std::vector<Work*> {
@@ -637,6 +833,7 @@ CompressReport compress_model(const CompressOptions& opt, ThreadPool& pool) {
 
     for (const Modifier* m : recipe.modifiers()) {
       const ModifierType type = m->type();
+      if (type == ModifierType::kStructuredPruning) continue;  // done above
       if (type == ModifierType::kSmoothQuant) {
         const auto& a = std::get<SmoothQuantArgs>(m->args);
         for (auto& [smooth_pat, bal] : resolve_mappings(a.mappings, false)) {
@@ -815,7 +1012,10 @@ CompressReport compress_model(const CompressOptions& opt, ThreadPool& pool) {
     std::vector<double> rel_error(7, 0.0);
     for (int i = 0; i < 7; ++i) {
       Work& wk = work[i];
-      if (!wk.changed) continue;
+      if (!wk.changed) {
+        rel_error[i] = wk.structured_error;  // the later passes' error otherwise
+        continue;
+      }
       const std::vector<double>& hh = in[wk.input].hessian(pool);
       std::vector<float> delta(wk.w.data.size());
       for (size_t j = 0; j < delta.size(); ++j) delta[j] = wk.original.data[j] - wk.w.data[j];
@@ -831,7 +1031,7 @@ CompressReport compress_model(const CompressOptions& opt, ThreadPool& pool) {
     {
       const model::Block b = make_block(work, attn_norm, mlp_norm);
       for (int64_t wi = 0; wi < windows; ++wi) {
-        model::block_forward(cfg, b, l, inv_freq, x.data() + wi * seq_len * h, seq_len, 0,
+        model::block_forward(lcfg, b, l, inv_freq, x.data() + wi * seq_len * h, seq_len, 0,
                              kc.data(), vc.data(), ws, {}, pool);
         prog.advance(1);
       }
@@ -905,22 +1105,31 @@ CompressReport compress_model(const CompressOptions& opt, ThreadPool& pool) {
           shard.add_array(mod + ".shape", DType::I64, {2}, std::vector<int64_t>{rows, cols});
           lr.format = "sparse-bitmask";
         }
-      } else if (wk.changed) {
+      } else if (wk.changed || wk.structured) {
         shard.add(mod + ".weight", dt, {rows, cols}, encode(wk.w.data.data(), wk.w.data.size(), dt));
         lr.format = "dense";
       } else {
         shard.add_view(*wk.source);
         lr.format = "dense";
       }
-      if (!wk.bias.empty()) shard.add_view(ck.get(mod + ".bias"));
-      int64_t zeros = 0;
+      if (wk.bias_changed && !wk.bias.empty()) {
+        shard.add(mod + ".bias", dt, {static_cast<int64_t>(wk.bias.size())},
+                  encode(wk.bias.data(), wk.bias.size(), dt));
+      } else if (!wk.bias.empty()) {
+        shard.add_view(ck.get(mod + ".bias"));
+      }
+      // Against the dense shape: structurally removed weights count as pruned.
+      const int64_t dense = wk.dense_rows * wk.dense_cols;
+      int64_t zeros = dense - rows * cols;
       for (float v : wk.w.data) zeros += v == 0.0f;
-      lr.sparsity = static_cast<double>(zeros) / static_cast<double>(rows * cols);
+      lr.rows = wk.dense_rows;
+      lr.cols = wk.dense_cols;
+      lr.sparsity = static_cast<double>(zeros) / static_cast<double>(dense);
       lr.bytes = shard.bytes_of(mod);
-      lr.bits_per_weight = static_cast<double>(lr.bytes) * 8.0 / static_cast<double>(rows * cols);
+      lr.bits_per_weight = static_cast<double>(lr.bytes) * 8.0 / static_cast<double>(dense);
       lr.relative_error = rel_error[i];
       zeros_total += static_cast<double>(zeros);
-      weights_total += static_cast<double>(rows * cols);
+      weights_total += static_cast<double>(dense);
       bytes_total += static_cast<double>(lr.bytes);
       report.linears.push_back(std::move(lr));
     }
@@ -1013,6 +1222,16 @@ CompressReport compress_model(const CompressOptions& opt, ThreadPool& pool) {
     cc.sparsa = s;
   }
   io::write_compression_config(cc, config_json);
+  if (structured != nullptr) {
+    // The pruned model is a plain dense one of smaller shape; head_dim no longer follows from
+    // hidden_size / num_attention_heads, so it is written out.
+    config_json["num_attention_heads"] = cfg.num_heads / cfg.num_kv_heads * (cfg.num_kv_heads - groups_removed);
+    config_json["num_key_value_heads"] = cfg.num_kv_heads - groups_removed;
+    config_json["intermediate_size"] = cfg.intermediate_size - channels_removed;
+    config_json["head_dim"] = cfg.head_dim;
+    if (structured->bias_compensation && groups_removed > 0) config_json["attention_bias"] = true;
+    if (structured->bias_compensation && channels_removed > 0) config_json["mlp_bias"] = true;
+  }
   const std::string config_text = config_json.dump(2) + "\n";
   write_file_atomic(out.path("config.json"), config_text.data(), config_text.size());
 

@@ -24,7 +24,7 @@ namespace sparsa::compress {
 
 namespace {
 
-constexpr std::array<std::string_view, 10> kModifierNames = {"MagnitudePruningModifier",
+constexpr std::array<std::string_view, 13> kModifierNames = {"MagnitudePruningModifier",
                                                              "WandaPruningModifier",
                                                              "SparseGPTModifier",
                                                              "StructuredPruningModifier",
@@ -33,7 +33,10 @@ constexpr std::array<std::string_view, 10> kModifierNames = {"MagnitudePruningMo
                                                              "AWQModifier",
                                                              "SmoothQuantModifier",
                                                              "PalettizationModifier",
-                                                             "LowRankModifier"};
+                                                             "LowRankModifier",
+                                                             "ConstantMaskModifier",
+                                                             "GradualPruningModifier",
+                                                             "DistillationModifier"};
 static_assert(std::variant_size_v<ModifierArgs> == kModifierNames.size());
 
 bool ends_with(std::string_view s, std::string_view suffix) {
@@ -587,6 +590,36 @@ std::vector<LayerMapping> read_smoothquant_mappings(const Fields& f) {
   return out;
 }
 
+TrainingArgs read_training(const YAML::Node& node, const Where& where) {
+  const Fields f(node, where, "training",
+                 {"lr", "min_lr_ratio", "warmup_steps", "steps", "max_tokens", "batch_size",
+                  "seq_len", "grad_accum", "weight_decay", "beta1", "beta2", "eps", "clip", "seed",
+                  "checkpoint_every", "eval_every", "eval_windows"});
+  TrainingArgs t;
+  constexpr int64_t kBig = int64_t{1} << 50;
+  t.lr = f.fraction("lr", 0, 10, true, false).value_or(t.lr);
+  t.min_lr_ratio = f.fraction("min_lr_ratio", 0, 1, false, false).value_or(t.min_lr_ratio);
+  t.warmup_steps = f.integer_in("warmup_steps", 0, kBig).value_or(t.warmup_steps);
+  t.steps = f.integer_in("steps", 0, kBig).value_or(t.steps);
+  t.max_tokens = f.integer_in("max_tokens", 0, kBig).value_or(t.max_tokens);
+  if (t.steps > 0 && t.max_tokens > 0) {
+    f.fail("max_tokens", "give either steps or max_tokens, not both");
+  }
+  t.batch_size = f.integer_in("batch_size", 1, 1 << 20).value_or(t.batch_size);
+  t.seq_len = f.integer_in("seq_len", 2, 1 << 20).value_or(t.seq_len);
+  t.grad_accum = f.integer_in("grad_accum", 1, 1 << 20).value_or(t.grad_accum);
+  t.weight_decay = f.fraction("weight_decay", 0, 10, false, false).value_or(t.weight_decay);
+  t.beta1 = f.fraction("beta1", 0, 1, false, true).value_or(t.beta1);
+  t.beta2 = f.fraction("beta2", 0, 1, false, true).value_or(t.beta2);
+  t.eps = f.fraction("eps", 0, 1, true, false).value_or(t.eps);
+  t.clip = f.fraction("clip", 0, 1e9, false, false).value_or(t.clip);
+  t.seed = f.integer_in("seed", 0, kBig).value_or(t.seed);
+  t.checkpoint_every = f.integer_in("checkpoint_every", 0, kBig).value_or(t.checkpoint_every);
+  t.eval_every = f.integer_in("eval_every", 0, kBig).value_or(t.eval_every);
+  t.eval_windows = f.integer_in("eval_windows", 0, 1 << 20).value_or(t.eval_windows);
+  return t;
+}
+
 Modifier read_modifier(const YAML::Node& args, ModifierType type, const Where& where) {
   std::vector<std::string_view> allowed = {"targets", "ignore", "sequential_update"};
   auto allow = [&](std::initializer_list<std::string_view> keys) {
@@ -604,7 +637,7 @@ Modifier read_modifier(const YAML::Node& args, ModifierType type, const Where& w
              "block_size", "dampening_frac", "quantize"});
       break;
     case ModifierType::kStructuredPruning:
-      allow({"head_sparsity", "mlp_sparsity", "importance"});
+      allow({"head_sparsity", "mlp_sparsity", "importance", "bias_compensation"});
       break;
     case ModifierType::kQuantization:
       allow({"scheme", "config_groups"});
@@ -623,6 +656,14 @@ Modifier read_modifier(const YAML::Node& args, ModifierType type, const Where& w
       break;
     case ModifierType::kLowRank:
       allow({"method", "rank_fraction", "param_fraction", "energy"});
+      break;
+    case ModifierType::kConstantMask:
+      break;
+    case ModifierType::kGradualPruning:
+      allow({"init_sparsity", "final_sparsity", "start_step", "end_step", "update_frequency"});
+      break;
+    case ModifierType::kDistillation:
+      allow({"ce", "kl", "squarehead", "temperature"});
       break;
   }
   const YAML::Node empty_map(YAML::NodeType::Map);
@@ -678,8 +719,10 @@ Modifier read_modifier(const YAML::Node& args, ModifierType type, const Where& w
                "at least one of head_sparsity and mlp_sparsity must be > 0");
       }
       a.importance = f.choice<Importance>("importance", {{"activation", Importance::kActivation},
+                                                         {"fluctuation", Importance::kFluctuation},
                                                          {"magnitude", Importance::kMagnitude}})
                          .value_or(a.importance);
+      a.bias_compensation = f.boolean("bias_compensation").value_or(a.bias_compensation);
       m.args = a;
       break;
     }
@@ -762,6 +805,40 @@ Modifier read_modifier(const YAML::Node& args, ModifierType type, const Where& w
       m.args = a;
       break;
     }
+    case ModifierType::kConstantMask:
+      m.args = ConstantMaskArgs{};
+      break;
+    case ModifierType::kGradualPruning: {
+      GradualPruningArgs a;
+      f.require("final_sparsity");
+      f.require("end_step");
+      a.final_sparsity = *f.fraction("final_sparsity", 0, 1, false, true);
+      a.init_sparsity = f.fraction("init_sparsity", 0, 1, false, true).value_or(0.0);
+      if (a.init_sparsity > a.final_sparsity) {
+        f.fail_got("init_sparsity", fmt::format("must be <= final_sparsity {}", a.final_sparsity));
+      }
+      a.start_step = f.integer_in("start_step", 0, int64_t{1} << 40).value_or(0);
+      a.end_step = *f.integer_in("end_step", 0, int64_t{1} << 40);
+      if (a.end_step < a.start_step) {
+        f.fail_got("end_step", fmt::format("must be >= start_step {}", a.start_step));
+      }
+      a.update_frequency = f.integer_in("update_frequency", 1, int64_t{1} << 40).value_or(1);
+      m.args = a;
+      break;
+    }
+    case ModifierType::kDistillation: {
+      DistillationArgs a;
+      a.ce = f.fraction("ce", 0, 1e6, false, false).value_or(a.ce);
+      a.kl = f.fraction("kl", 0, 1e6, false, false).value_or(a.kl);
+      a.squarehead = f.fraction("squarehead", 0, 1e6, false, false).value_or(a.squarehead);
+      if (a.ce == 0 && a.kl == 0 && a.squarehead == 0) {
+        f.fail(f.has("ce") ? "ce" : (f.has("kl") ? "kl" : "squarehead"),
+               "at least one of ce, kl and squarehead must be > 0");
+      }
+      a.temperature = f.fraction("temperature", 0, 1e3, true, false).value_or(a.temperature);
+      m.args = a;
+      break;
+    }
   }
   if (targets) {
     if (targets->empty()) f.fail("targets", "must name at least one module");
@@ -835,7 +912,10 @@ void write_args(std::string& out, const ModifierArgs& args, const std::string& i
         } else if constexpr (std::is_same_v<T, StructuredPruningArgs>) {
           line("head_sparsity", number(a.head_sparsity));
           line("mlp_sparsity", number(a.mlp_sparsity));
-          line("importance", a.importance == Importance::kActivation ? "activation" : "magnitude");
+          line("importance", a.importance == Importance::kActivation    ? "activation"
+                             : a.importance == Importance::kFluctuation ? "fluctuation"
+                                                                        : "magnitude");
+          line("bias_compensation", fmt::format("{}", a.bias_compensation));
         } else if constexpr (std::is_same_v<T, QuantizationArgs>) {
           line("scheme", scheme_yaml(a.scheme));
         } else if constexpr (std::is_same_v<T, GPTQArgs>) {
@@ -865,6 +945,17 @@ void write_args(std::string& out, const ModifierArgs& args, const std::string& i
           if (a.rank_fraction > 0) line("rank_fraction", number(a.rank_fraction));
           if (a.param_fraction > 0) line("param_fraction", number(a.param_fraction));
           if (a.energy > 0) line("energy", number(a.energy));
+        } else if constexpr (std::is_same_v<T, GradualPruningArgs>) {
+          line("init_sparsity", number(a.init_sparsity));
+          line("final_sparsity", number(a.final_sparsity));
+          line("start_step", fmt::format("{}", a.start_step));
+          line("end_step", fmt::format("{}", a.end_step));
+          line("update_frequency", fmt::format("{}", a.update_frequency));
+        } else if constexpr (std::is_same_v<T, DistillationArgs>) {
+          line("ce", number(a.ce));
+          line("kl", number(a.kl));
+          line("squarehead", number(a.squarehead));
+          line("temperature", number(a.temperature));
         }
       },
       args);
@@ -897,6 +988,11 @@ std::optional<ModifierType> parse_modifier_name(std::string_view name) {
     if (kModifierNames[i] == name) return static_cast<ModifierType>(i);
   }
   return std::nullopt;
+}
+
+bool is_finetune_modifier(ModifierType t) {
+  return t == ModifierType::kConstantMask || t == ModifierType::kGradualPruning ||
+         t == ModifierType::kDistillation;
 }
 
 bool Modifier::applies_to(const std::string& tensor_or_module_name) const {
@@ -977,6 +1073,26 @@ Recipe Recipe::from_yaml(const std::string& text, const std::string& source) {
     if (!groups.IsMap() || groups.size() == 0) {
       sw.fail("", &key_node, "a stage is a map of modifier groups ('<name>_modifiers: ...')");
     }
+    // run_type first: it decides which modifiers and keys the stage may hold.
+    for (auto g = groups.begin(); g != groups.end(); ++g) {
+      if (g->first.Scalar() != "run_type") continue;
+      const YAML::Node rt = g->second;
+      if (rt.IsScalar() && rt.Scalar() == "oneshot") {
+        stage.run_type = RunType::kOneshot;
+      } else if (rt.IsScalar() && rt.Scalar() == "finetune") {
+        stage.run_type = RunType::kFinetune;
+      } else {
+        sw.fail("run_type", &rt,
+                fmt::format("must be 'oneshot', got {} ('finetune' marks a fine-tuning stage)",
+                            describe(rt)));
+      }
+    }
+    const bool finetune = stage.run_type == RunType::kFinetune;
+    if (finetune && r.finetune_stage() != nullptr) {
+      sw.fail("run_type", &key_node,
+              fmt::format("a recipe holds one finetune stage ('{}' is one already)",
+                          r.finetune_stage()->name));
+    }
     std::set<std::string> seen_groups;
     for (auto g = groups.begin(); g != groups.end(); ++g) {
       const YAML::Node gkey = g->first;
@@ -985,10 +1101,10 @@ Recipe Recipe::from_yaml(const std::string& text, const std::string& source) {
       if (!seen_groups.insert(gname).second) {
         sw.fail("", &gkey, fmt::format("group '{}' given twice", gname));
       }
-      if (gname == "run_type") {
-        if (!mods.IsScalar() || mods.Scalar() != "oneshot") {
-          sw.fail("run_type", &mods, fmt::format("must be 'oneshot', got {}", describe(mods)));
-        }
+      if (gname == "run_type") continue;
+      if (gname == "training") {
+        if (!finetune) sw.fail("training", &gkey, "needs run_type: finetune in the stage");
+        stage.training = read_training(mods, sw);
         continue;
       }
       if (!ends_with(gname, "modifiers")) {
@@ -1011,8 +1127,19 @@ Recipe Recipe::from_yaml(const std::string& text, const std::string& source) {
                   fmt::format("unknown modifier{}; known: {}", did_you_mean(mname, kModifierNames),
                               fmt::join(kModifierNames, ", ")));
         }
+        if (is_finetune_modifier(*type) != finetune) {
+          mw.fail("", &mkey,
+                  finetune ? "is not a fine-tuning modifier (a stage with run_type: finetune "
+                             "holds ConstantMaskModifier, GradualPruningModifier and "
+                             "DistillationModifier)"
+                           : "belongs in a stage with run_type: finetune");
+        }
         Modifier mod = read_modifier(margs, *type, mw);
         mod.group = gname;
+        if (*type == ModifierType::kDistillation)
+          for (const Modifier& other : stage.modifiers)
+            if (other.type() == ModifierType::kDistillation)
+              mw.fail("", &mkey, "a stage holds one DistillationModifier");
         stage.modifiers.push_back(std::move(mod));
       }
     }
@@ -1030,6 +1157,18 @@ std::string Recipe::to_yaml() const {
     SPARSA_CHECK(ends_with(stage.name, "stage"), "to_yaml: stage name '{}' must end in 'stage'",
                  stage.name);
     out += stage.name + ":\n";
+    if (stage.run_type == RunType::kFinetune) {
+      const TrainingArgs& t = stage.training;
+      out += "  run_type: finetune\n";
+      out += fmt::format(
+          "  training: {{lr: {}, min_lr_ratio: {}, warmup_steps: {}, steps: {}, max_tokens: {}, "
+          "batch_size: {}, seq_len: {}, grad_accum: {}, weight_decay: {}, beta1: {}, beta2: {}, "
+          "eps: {}, clip: {}, seed: {}, checkpoint_every: {}, eval_every: {}, eval_windows: {}}}\n",
+          number(t.lr), number(t.min_lr_ratio), t.warmup_steps, t.steps, t.max_tokens,
+          t.batch_size, t.seq_len, t.grad_accum, number(t.weight_decay), number(t.beta1),
+          number(t.beta2), number(t.eps), number(t.clip), t.seed, t.checkpoint_every,
+          t.eval_every, t.eval_windows);
+    }
     std::set<std::string> groups_done;
     std::string group;
     std::set<ModifierType> in_group;
@@ -1052,6 +1191,12 @@ std::string Recipe::to_yaml() const {
     }
   }
   return out;
+}
+
+const Stage* Recipe::finetune_stage() const {
+  for (const Stage& s : stages)
+    if (s.run_type == RunType::kFinetune) return &s;
+  return nullptr;
 }
 
 std::vector<const Modifier*> Recipe::modifiers() const {

@@ -239,6 +239,8 @@ PackedWeight PackedWeight::clone() const {
   rebase(v.scales);
   rebase(v.zeros);
   rebase(v.lut);
+  rebase(v.lut_q);
+  rebase(v.lut_qscale);
   rebase(v.dense);
   rebase(v.perm);
   return c;
@@ -506,10 +508,33 @@ PackedWeight pack_palette(const compress::Palette& pal, int64_t cols, const comp
   v.n_blocks = (cols + kBlockCols - 1) / kBlockCols;
   v.group_rows = pal.group_rows;
   const Packer::Section lc = p.reserve(pal.lut.size() * sizeof(float));
+  // The 16-bit byte-plane tables of the int8-input kernels (byte lookups reach 64 entries).
+  const bool int_tables = pal.bits <= 6;
+  const Packer::Section qc = p.reserve(int_tables ? static_cast<size_t>(n_luts) * 128 : 0);
+  const Packer::Section qs = p.reserve(int_tables ? static_cast<size_t>(n_luts) * sizeof(float) : 0);
   // A table may have no zero entry for pruned weights: masked palettes always use the bitmask.
   p.pack_codes(s, s.keep != nullptr ? Positions::Bitmask : Positions::All);
   std::memcpy(p.at(lc), pal.lut.data(), lc.size);
   v.lut = reinterpret_cast<const float*>(p.at(lc));
+  if (int_tables) {
+    uint8_t* planes = p.at(qc);
+    float* scales = reinterpret_cast<float*>(p.at(qs));
+    for (int64_t t = 0; t < n_luts; ++t) {
+      const float* lut = pal.lut.data() + t * k;
+      float amax = 0.0f;
+      for (int64_t j = 0; j < k; ++j) amax = std::max(amax, std::abs(lut[j]));
+      const float s = amax > 0.0f ? amax / 32767.0f : 1.0f;
+      scales[t] = s;
+      for (int64_t j = 0; j < 64; ++j) {
+        const int32_t q =
+            j < k ? std::clamp(static_cast<int32_t>(std::nearbyint(lut[j] / s)), -32767, 32767) : 0;
+        planes[t * 128 + j] = static_cast<uint8_t>((q >> 8) + 128);
+        planes[t * 128 + 64 + j] = static_cast<uint8_t>(q & 255);
+      }
+    }
+    v.lut_q = planes;
+    v.lut_qscale = scales;
+  }
   p.add_bytes(lc.size);
   if (s.keep != nullptr) {
     p.set_nm(detect_nm(s.keep, rows, cols));

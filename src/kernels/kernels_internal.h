@@ -60,10 +60,32 @@ using FormatDecodeFn = void (*)(const formats::PackedView& w, const float* x, in
 /// out[(r - r0) * cols + c] = W[r, c] in f32 for rows [r0, r1) (prefill's dequantized panels).
 using FormatDequantFn = void (*)(const formats::PackedView& w, int64_t r0, int64_t r1,
                                  float* out);
+/// A decode input quantized to int8 once per call (sparsa/kernels/packed_linear.h,
+/// DecodeInput::Int8): token t's stored columns of block b are scale[t][b] · q[t][64 b ..].
+struct QuantizedInput {
+  const int8_t* q = nullptr;          // [n_tokens][ldq], 64-byte aligned, 0 past the columns
+  // The same codes in pairs of blocks (b, b + 1) = (2p, 2p + 1) for 4-bit codes: 128 bytes per
+  // pair, columns [b: 0..31, b+1: 0..31, b: 32..63, b+1: 32..63]; pair_scale [n_tokens][p][16]
+  // holds scale[b] in lanes 0..7 and scale[b + 1] in lanes 8..15.
+  const int8_t* qp = nullptr;
+  const float* pair_scale = nullptr;
+  const float* scale = nullptr;       // [n_tokens][n_blocks]
+  const float* group_sum = nullptr;   // [n_tokens][n_groups]: Σ over the weight's group of
+                                      // scale[b] · Σ q of block b (palettes: one group per row)
+  int64_t ldq = 0;                    // ceil(n_blocks / 2) · 128
+  int64_t n_blocks = 0;
+  int64_t n_groups = 0;
+};
+/// Rows [r0, r1) of y = x Wᵀ from a quantized input (n_tokens <= kDecodeMaxTokens).
+using FormatDecodeQ8Fn = void (*)(const formats::PackedView& w, const QuantizedInput& x,
+                                  int64_t n_tokens, float* y, int64_t ldy, int64_t r0,
+                                  int64_t r1);
 /// The packed-weight kernels of one (format, ISA): formats_<isa>.cc map a format to these.
+/// decode_q8 is null where the (format, ISA) has no int8-input kernel.
 struct FormatKernels {
   FormatDecodeFn decode = nullptr;
   FormatDequantFn dequant = nullptr;
+  FormatDecodeQ8Fn decode_q8 = nullptr;
 };
 namespace generic {
 FormatKernels format_kernels(const formats::PackedView& w);
@@ -74,6 +96,16 @@ FormatKernels format_kernels(const formats::PackedView& w);
 /// AVX-512 F/BW/DQ/VL plus VBMI and VBMI2 (byte expand): Ice Lake, Zen 4 and later.
 namespace avx512vbmi2 {
 FormatKernels format_kernels(const formats::PackedView& w);
+}
+/// AVX-512 VBMI2 plus VNNI: the int8-input decode kernels (null for formats without one) and
+/// the quantization of the input: per token and 64-column block, s = max|x| / 127 and
+/// q = round-to-nearest-even(x / s); block_sum = s · Σ q. Writes the QuantizedInput arrays
+/// q, qp ([n_tokens][ldq] bytes, 64-aligned), scale, block_sum ([n_tokens][n_blocks]) and
+/// pair_scale ([n_tokens][ceil(n_blocks / 2)][16], 64-aligned).
+namespace avx512vnni {
+FormatDecodeQ8Fn decode_q8(const formats::PackedView& w);
+void quantize_input(const float* x, int64_t ldx, int64_t n_tokens, int64_t cols, int8_t* q,
+                    int8_t* qp, int64_t ldq, float* scale, float* pair_scale, float* block_sum);
 }
 
 /// Scratch buffers that live as long as their thread, one per slot, 64-byte aligned. A call
@@ -86,6 +118,7 @@ enum class Scratch {
   kQueries,
   kDequantW,   // packed_linear: a panel of packed weights dequantized for the prefill GEMM
   kPermutedX,  // packed_linear: the input gathered into an act-order weight's column order
+  kQuantX,     // packed_linear: the int8-quantized decode input, its scales and sums
   kCount
 };
 float* thread_scratch(Scratch slot, size_t n_floats);

@@ -4,6 +4,8 @@
 #include "sparsa/kernels/packed_linear.h"
 
 #include <algorithm>
+#include <atomic>
+#include <cstdlib>
 
 #include "kernels/kernels_internal.h"
 #include "sparsa/core/error.h"
@@ -30,13 +32,21 @@ bool cpu_has_vbmi2() {
   }();
   return has;
 }
+bool cpu_has_vnni() {
+  static const bool has = cpu_has_vbmi2() && __builtin_cpu_supports("avx512vnni");
+  return has;
+}
 
 // The registry: each ISA's format_kernels() maps a format (codec, positions, bits, group shape)
-// to its kernels; AVX-512 without VBMI2 runs the AVX2 ones.
+// to its kernels; AVX-512 without VBMI2 runs the AVX2 ones, with VNNI it has int8-input ones.
 FormatKernels find_format_kernels(const PackedView& v, Isa isa) {
   switch (isa) {
     case Isa::Avx512:
-      if (cpu_has_vbmi2()) return avx512vbmi2::format_kernels(v);
+      if (cpu_has_vbmi2()) {
+        FormatKernels k = avx512vbmi2::format_kernels(v);
+        if (cpu_has_vnni()) k.decode_q8 = avx512vnni::decode_q8(v);
+        return k;
+      }
       return avx2::format_kernels(v);
     case Isa::Avx2:
       return avx2::format_kernels(v);
@@ -93,20 +103,93 @@ int64_t decode_step(int64_t rows, int64_t chunks) {
   return ((rows + chunks - 1) / chunks + kDecodeRowAlign - 1) / kDecodeRowAlign * kDecodeRowAlign;
 }
 
-void decode(const FormatKernels& kn, const PackedView& v, const float* x, int64_t ldx,
-            int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool) {
+// fn(r0, r1) over the rows, split across the pool.
+template <class F>
+void split_rows(const PackedView& v, ThreadPool& pool, F&& fn) {
   const int64_t rows = v.rows;
   if (pool.size() == 1 || rows * v.cols < kMinParallelWeights) {
-    kn.decode(v, x, ldx, n_tokens, y, ldy, 0, rows);
+    fn(int64_t{0}, rows);
     return;
   }
   const int64_t max_chunks = (rows + kDecodeRowAlign - 1) / kDecodeRowAlign;
   const int64_t step =
       decode_step(rows, std::min<int64_t>(pool.size() * kDecodeChunksPerThread, max_chunks));
-  pool.run((rows + step - 1) / step, [&](int64_t c) {
-    kn.decode(v, x, ldx, n_tokens, y, ldy, c * step, std::min(rows, (c + 1) * step));
+  pool.run((rows + step - 1) / step,
+           [&](int64_t c) { fn(c * step, std::min(rows, (c + 1) * step)); });
+}
+
+void decode(const FormatKernels& kn, const PackedView& v, const float* x, int64_t ldx,
+            int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool) {
+  split_rows(v, pool, [&](int64_t r0, int64_t r1) {
+    kn.decode(v, x, ldx, n_tokens, y, ldy, r0, r1);
   });
 }
+
+// The int8 decode input in the calling thread's scratch: [n_tokens][ldq] codes, then scales and
+// block sums [n_tokens][n_blocks] each, then `group_floats` floats for the weights' group sums.
+struct QuantizedScratch {
+  QuantizedInput in;
+  const float* block_sum = nullptr;
+  float* group_sums = nullptr;
+};
+
+QuantizedScratch quantize(const float* x, int64_t ldx, int64_t n_tokens, int64_t cols,
+                          int64_t group_floats) {
+  QuantizedScratch s;
+  const int64_t nb = (cols + formats::kBlockCols - 1) / formats::kBlockCols, np = (nb + 1) / 2;
+  const int64_t ldq = np * 2 * formats::kBlockCols;
+  const int64_t q_floats = n_tokens * ldq / static_cast<int64_t>(sizeof(float));
+  float* buf = thread_scratch(Scratch::kQuantX, static_cast<size_t>(2 * q_floats +
+                                                                    16 * n_tokens * np +
+                                                                    2 * n_tokens * nb +
+                                                                    group_floats));
+  auto* q = reinterpret_cast<int8_t*>(buf);
+  auto* qp = reinterpret_cast<int8_t*>(buf + q_floats);
+  float* pair_scale = buf + 2 * q_floats;  // 64-byte aligned: q_floats is a multiple of 32
+  float* scale = pair_scale + 16 * n_tokens * np;
+  float* block_sum = scale + n_tokens * nb;
+  avx512vnni::quantize_input(x, ldx, n_tokens, cols, q, qp, ldq, scale, pair_scale, block_sum);
+  s.in.q = q;
+  s.in.qp = qp;
+  s.in.pair_scale = pair_scale;
+  s.in.scale = scale;
+  s.in.ldq = ldq;
+  s.in.n_blocks = nb;
+  s.block_sum = block_sum;
+  s.group_sums = block_sum + n_tokens * nb;
+  return s;
+}
+
+// Group sums of one weight's groups (Int) or of its whole rows (Palette).
+int64_t q8_groups(const PackedView& v) { return v.codec == Codec::Int ? v.n_groups : 1; }
+
+QuantizedInput with_group_sums(const QuantizedScratch& s, const PackedView& v, int64_t n_tokens,
+                               float* out) {
+  QuantizedInput in = s.in;
+  const int64_t nb = in.n_blocks, ng = q8_groups(v);
+  const int64_t per_group = ng == 1 ? nb : v.group_size / formats::kBlockCols;
+  for (int64_t t = 0; t < n_tokens; ++t)
+    for (int64_t g = 0; g < ng; ++g) {
+      float sum = 0.0f;
+      for (int64_t b = g * per_group; b < std::min(nb, (g + 1) * per_group); ++b)
+        sum += s.block_sum[t * nb + b];
+      out[t * ng + g] = sum;
+    }
+  in.group_sum = out;
+  in.n_groups = ng;
+  return in;
+}
+
+void decode_q8(const FormatKernels& kn, const PackedView& v, const float* x, int64_t ldx,
+               int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool) {
+  const QuantizedScratch s = quantize(x, ldx, n_tokens, v.cols, n_tokens * q8_groups(v));
+  const QuantizedInput in = with_group_sums(s, v, n_tokens, s.group_sums);
+  split_rows(v, pool, [&](int64_t r0, int64_t r1) {
+    kn.decode_q8(v, in, n_tokens, y, ldy, r0, r1);
+  });
+}
+
+std::atomic<int> g_decode_input{-1};
 
 void prefill(Isa isa, const FormatKernels& kn, const PackedView& v, const float* x, int64_t ldx,
              int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool) {
@@ -125,8 +208,33 @@ void prefill(Isa isa, const FormatKernels& kn, const PackedView& v, const float*
 
 }  // namespace
 
-void linear_isa(Isa isa, const PackedWeight& w, const float* x, int64_t ldx, int64_t n_tokens,
-                float* y, int64_t ldy, ThreadPool& pool) {
+DecodeInput parse_decode_input(std::string_view name) {
+  if (name == "int8") return DecodeInput::Int8;
+  if (name == "f32") return DecodeInput::F32;
+  fail("unknown decode input '{}' (expected int8 or f32)", name);
+}
+
+DecodeInput decode_input() {
+  int v = g_decode_input.load(std::memory_order_relaxed);
+  if (v < 0) {
+    DecodeInput in = DecodeInput::Int8;
+    if (const char* env = std::getenv("SPARSA_DECODE_INPUT"); env != nullptr && *env != '\0')
+      in = parse_decode_input(env);
+    v = static_cast<int>(in);
+    g_decode_input.store(v);
+  }
+  return static_cast<DecodeInput>(v);
+}
+
+void set_decode_input(DecodeInput input) { g_decode_input.store(static_cast<int>(input)); }
+
+bool decode_quantizes_input(const PackedWeight& w, Isa isa) {
+  const PackedView& v = w.view();
+  return !is_dense(v) && v.rows > 0 && find_format_kernels(v, isa).decode_q8 != nullptr;
+}
+
+void linear_isa(Isa isa, DecodeInput input, const PackedWeight& w, const float* x, int64_t ldx,
+                int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool) {
   const PackedView& v = w.view();
   check_args("linear", isa, v, x, ldx, n_tokens, y, ldy);
   if (n_tokens == 0) return;
@@ -134,21 +242,31 @@ void linear_isa(Isa isa, const PackedWeight& w, const float* x, int64_t ldx, int
   const FormatKernels kn = find_format_kernels(v, isa);
   x = permuted_input(v, x, ldx, n_tokens);
   if (n_tokens <= kDecodeMaxTokens) {
-    decode(kn, v, x, ldx, n_tokens, y, ldy, pool);
+    if (input == DecodeInput::Int8 && kn.decode_q8 != nullptr) {
+      decode_q8(kn, v, x, ldx, n_tokens, y, ldy, pool);
+    } else {
+      decode(kn, v, x, ldx, n_tokens, y, ldy, pool);
+    }
   } else {
     prefill(isa, kn, v, x, ldx, n_tokens, y, ldy, pool);
   }
 }
 
+void linear_isa(Isa isa, const PackedWeight& w, const float* x, int64_t ldx, int64_t n_tokens,
+                float* y, int64_t ldy, ThreadPool& pool) {
+  linear_isa(isa, decode_input(), w, x, ldx, n_tokens, y, ldy, pool);
+}
+
 void linear(const PackedWeight& w, const float* x, int64_t ldx, int64_t n_tokens, float* y,
             int64_t ldy, ThreadPool& pool) {
-  linear_isa(active_isa(), w, x, ldx, n_tokens, y, ldy, pool);
+  linear_isa(active_isa(), decode_input(), w, x, ldx, n_tokens, y, ldy, pool);
 }
 
 void linear_many(const PackedLinearOutput* outs, int count, const float* x, int64_t ldx,
                  int64_t n_tokens, ThreadPool& pool) {
   constexpr int kMaxOutputs = 8;
   const Isa isa = active_isa();
+  const DecodeInput input = decode_input();
   bool together = n_tokens > 0 && n_tokens <= kDecodeMaxTokens && count <= kMaxOutputs &&
                   pool.size() > 1;
   for (int i = 0; i < count; ++i) {
@@ -167,11 +285,31 @@ void linear_many(const PackedLinearOutput* outs, int count, const float* x, int6
   int64_t first_chunk[kMaxOutputs + 1];
   int64_t step[kMaxOutputs];
   int64_t total_rows = 0;
+  // The int8 input is quantized once for the outputs of the first such output's width.
+  int64_t q8_cols = 0, group_floats = 0;
   for (int i = 0; i < count; ++i) {
     const PackedView& v = outs[i].weight->view();
     dense[i] = is_dense(v) ? dense_decode_fn(v.dtype, isa) : nullptr;
-    if (!is_dense(v)) kn[i] = find_format_kernels(v, isa);
+    if (!is_dense(v)) {
+      kn[i] = find_format_kernels(v, isa);
+      if (input != DecodeInput::Int8 || (q8_cols != 0 && v.cols != q8_cols))
+        kn[i].decode_q8 = nullptr;
+      if (kn[i].decode_q8 != nullptr) {
+        q8_cols = v.cols;
+        group_floats += n_tokens * q8_groups(v);
+      }
+    }
     total_rows += v.rows;
+  }
+  QuantizedInput q8[kMaxOutputs];
+  if (q8_cols > 0) {
+    const QuantizedScratch s = quantize(x, ldx, n_tokens, q8_cols, group_floats);
+    float* sums = s.group_sums;
+    for (int i = 0; i < count; ++i)
+      if (dense[i] == nullptr && kn[i].decode_q8 != nullptr) {
+        q8[i] = with_group_sums(s, outs[i].weight->view(), n_tokens, sums);
+        sums += n_tokens * q8[i].n_groups;
+      }
   }
   // Chunks of about total_rows / (threads · kDecodeChunksPerThread) rows, cut per output.
   const int64_t target = std::max<int64_t>(
@@ -191,6 +329,8 @@ void linear_many(const PackedLinearOutput* outs, int count, const float* x, int6
     const int64_t r0 = (c - first_chunk[i]) * step[i], r1 = std::min(v.rows, r0 + step[i]);
     if (dense[i] != nullptr) {
       dense[i](dense_of(v), x, ldx, n_tokens, o.y, o.ldy, r0, r1);
+    } else if (kn[i].decode_q8 != nullptr) {
+      kn[i].decode_q8(v, q8[i], n_tokens, o.y, o.ldy, r0, r1);
     } else {
       kn[i].decode(v, x, ldx, n_tokens, o.y, o.ldy, r0, r1);
     }

@@ -1,14 +1,18 @@
 #include "sparsa/model/llama.h"
 
 #include <algorithm>
+#include <cctype>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
+#include <exception>
+#include <nlohmann/json.hpp>
 #include <numbers>
 
-#include <nlohmann/json.hpp>
-
+#include "sparsa/core/cpu.h"
 #include "sparsa/core/error.h"
 #include "sparsa/core/mapped_file.h"
+#include "sparsa/kernels/packed_linear.h"
 
 namespace sparsa::model {
 
@@ -76,24 +80,133 @@ size_t stored_bytes(const io::Checkpoint& ck, const std::string& prefix) {
   return total;
 }
 
+using formats::PackedWeight;
+
+std::shared_ptr<const PackedWeight> share(PackedWeight w) {
+  return std::make_shared<const PackedWeight>(std::move(w));
+}
+
+// The layer runs `values` (f32 [rows, cols], owned) with the dense kernel.
+void set_decoded(Linear& l, std::vector<float> values, int64_t rows, int64_t cols) {
+  auto owned = std::make_shared<const std::vector<float>>(std::move(values));
+  l.weight = kernels::DenseWeight{DType::F32, rows, cols, owned->data()};
+  l.packed = share(formats::pack_dense(DType::F32, rows, cols, owned->data(), false));
+  l.owned = std::move(owned);
+}
+
+// Whether a keep mask with `pruned` of `n` weights pruned is worth its bits: the bitmask layout
+// (1 bit per weight + the kept codes at `kept_bits`) reads fewer bytes than every code at
+// `all_bits` (the packer makes the final choice; this only skips building useless masks).
+bool mask_pays(int64_t pruned, int64_t n, int kept_bits, int all_bits) {
+  return static_cast<double>(n) + static_cast<double>(n - pruned) * kept_bits <
+         static_cast<double>(n) * all_bits;
+}
+
+// Packs a compressed weight for its kernels (formats/packed_weight.h). Layouts without a packed
+// form (1-bit codes, groups that do not split the columns evenly) are decoded to f32.
+void pack_stored(Linear& l, io::StoredWeight& s) {
+  using Kind = io::StoredWeight::Kind;
+  const int64_t rows = s.rows, cols = s.cols, n = rows * cols;
+  switch (s.kind) {
+    case Kind::kDense:
+      l.weight = kernels::DenseWeight{s.tensor.dtype, rows, cols, s.tensor.data};
+      l.packed = share(formats::pack_dense(s.tensor.dtype, rows, cols, s.tensor.data, false));
+      return;
+    case Kind::kPackQuantized:
+    case Kind::kIntQuantized: {
+      if (s.bits < 2 || s.bits > 8 || cols % s.n_groups != 0) break;
+      const int64_t gs = cols / s.n_groups;
+      std::vector<int64_t> count(static_cast<size_t>(s.n_groups), 0);
+      for (int32_t g : s.g_idx) ++count[static_cast<size_t>(g)];
+      if (std::any_of(count.begin(), count.end(), [gs](int64_t c) { return c != gs; })) break;
+      compress::QuantResult q;
+      q.bits = s.bits;
+      q.group_size = s.n_groups == 1 ? 0 : gs;
+      q.scales = std::move(s.scales);
+      q.zeros.assign(s.zeros.begin(), s.zeros.end());
+      q.g_idx = std::move(s.g_idx);
+      q.codes = std::move(s.codes);
+      // Sparse + quantized checkpoints keep pruned weights as zero-point codes inside
+      // weight_packed (sparsity_config format "dense"): those positions become the keep mask.
+      compress::Mask keep(static_cast<size_t>(n));
+      int64_t pruned = 0;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) {
+          const size_t i = static_cast<size_t>(r * cols + c);
+          const bool zero = q.codes[i] == q.zeros[static_cast<size_t>(r * s.n_groups + q.g_idx[c])];
+          keep[i] = !zero;
+          pruned += zero;
+        }
+      const bool masked =
+          mask_pays(pruned, n, s.bits <= 4 ? 4 : 8, formats::stored_code_bits(s.bits));
+      l.packed = share(formats::pack_quantized(q, masked ? &keep : nullptr));
+      return;
+    }
+    case Kind::kSparseBitmask:
+    case Kind::kSparse24Bitmask: {
+      if (s.dtype != DType::BF16) {  // f16 / f32 values: dense, exactly as stored
+        l.packed = share(formats::pack_dense(s.dtype, rows, cols, s.values.data(), true));
+        return;
+      }
+      compress::Matrix w(rows, cols);
+      const auto* v = reinterpret_cast<const uint16_t*>(s.values.data());
+      for (int64_t i = 0; i < n; ++i) w.data[static_cast<size_t>(i)] = bf16_to_f32(v[i]);
+      l.packed = share(formats::pack_sparse(w, s.keep, formats::ValueFormat{}));
+      return;
+    }
+    case Kind::kPalettized: {
+      if (s.bits < 2 || s.bits > 8) break;
+      compress::Palette p;
+      p.bits = s.bits;
+      p.group_rows = s.group_rows;
+      p.lut = std::move(s.lut);
+      p.indices = std::move(s.codes);
+      // Pruned + palettized weights sit on an exact 0 of the table.
+      const int64_t k = int64_t{1} << s.bits;
+      compress::Mask keep(static_cast<size_t>(n));
+      int64_t pruned = 0;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = 0; c < cols; ++c) {
+          const size_t i = static_cast<size_t>(r * cols + c);
+          const bool zero =
+              p.lut[static_cast<size_t>((r / p.group_rows) * k + p.indices[i])] == 0.0f;
+          keep[i] = !zero;
+          pruned += zero;
+        }
+      const bool masked =
+          mask_pays(pruned, n, s.bits <= 4 ? 4 : 8, formats::stored_code_bits(s.bits));
+      l.packed = share(formats::pack_palette(p, cols, masked ? &keep : nullptr));
+      return;
+    }
+    case Kind::kLowRank: {
+      const int64_t rank = s.u.shape[1];
+      l.packed = share(formats::pack_dense(s.u.dtype, rows, rank, s.u.data, false));
+      l.packed_v = share(formats::pack_dense(s.v.dtype, rank, cols, s.v.data, false));
+      return;
+    }
+  }
+  set_decoded(l, io::dequantize_stored_weight(s), rows, cols);
+}
+
 Linear load_linear(const io::Checkpoint& ck, const std::string& prefix, int64_t out, int64_t in,
-                   bool bias, const io::CompressionConfig& compression) {
+                   bool bias, const io::CompressionConfig& compression, LinearPath path) {
   Linear l;
   if (io::is_compressed_weight(ck, prefix)) {
-    // Compressed layouts are decoded to f32 once (fast kernels over the packed formats read
-    // them directly where they exist).
-    io::DecodedWeight d = io::decode_weight(ck, prefix, out, in, compression);
-    auto owned = std::make_shared<const std::vector<float>>(std::move(d.values));
+    io::StoredWeight s = io::read_stored_weight(ck, prefix, out, in, compression);
     l.name = prefix;
-    l.weight = kernels::DenseWeight{DType::F32, out, in, owned->data()};
-    l.owned = std::move(owned);
-    l.format = d.format;
-    l.input_bits = d.input_activation_bits;
+    l.format = s.format;
+    l.input_bits = s.input_activation_bits;
     l.stored_bytes = stored_bytes(ck, prefix);
+    if (path == LinearPath::kReference) {
+      set_decoded(l, io::dequantize_stored_weight(s), out, in);
+    } else {
+      pack_stored(l, s);
+    }
   } else {
     l.name = prefix + ".weight";
     const io::TensorView& w = get_shaped(ck, l.name, {out, in});
     l.weight = kernels::DenseWeight{w.dtype, out, in, w.data};
+    l.packed = share(formats::pack_dense(w.dtype, out, in, w.data, false));
     l.stored_bytes = w.nbytes;
   }
   if (bias) l.bias = load_vector(ck, prefix + ".bias", out);
@@ -101,6 +214,95 @@ Linear load_linear(const io::Checkpoint& ck, const std::string& prefix, int64_t 
 }
 
 }  // namespace
+
+int64_t Linear::rows() const { return packed ? packed->rows() : weight.rows; }
+
+int64_t Linear::cols() const {
+  if (packed_v) return packed_v->cols();
+  return packed ? packed->cols() : weight.cols;
+}
+
+size_t Linear::bytes_per_token() const {
+  const size_t b = bias.size() * sizeof(float);
+  if (packed) return b + packed->bytes() + (packed_v ? packed_v->bytes() : 0);
+  return b + static_cast<size_t>(weight.rows * weight.cols) * dtype_size(weight.dtype);
+}
+
+std::string Linear::describe() const {
+  if (packed_v)
+    return "u[" + std::to_string(packed->cols()) + "]" + packed->describe() + "·v" +
+           packed_v->describe();
+  if (packed) return packed->describe();
+  std::string d(dtype_name(weight.dtype));
+  std::transform(d.begin(), d.end(), d.begin(),
+                 [](char c) { return static_cast<char>(std::tolower(c)); });
+  return d;
+}
+
+namespace {
+
+// The layer's packed weight, or `tmp` wrapped around its dense matrix without copying.
+const formats::PackedWeight& packed_of(const Linear& l, formats::PackedWeight& tmp) {
+  if (l.packed) return *l.packed;
+  tmp = formats::pack_dense(l.weight.dtype, l.weight.rows, l.weight.cols, l.weight.data, false);
+  return tmp;
+}
+
+}  // namespace
+
+void linear_forward(const Linear& l, const float* x, int64_t ldx, int64_t n, float* y, int64_t ldy,
+                    LinearScratch& scratch, ThreadPool& pool) {
+  formats::PackedWeight tmp;
+  const formats::PackedWeight& w = packed_of(l, tmp);
+  // W8A8: x is quantized per token here, and the kernel reads it as it is (f32 input coding): its
+  // own per-block int8 decode input would round it a second time.
+  const bool w8a8 = l.input_bits == 8;
+  if (w8a8) {
+    const int64_t cols = l.cols();
+    if (static_cast<int64_t>(scratch.xq.size()) < n * cols)
+      scratch.xq.resize(static_cast<size_t>(n * cols));
+    for (int64_t t = 0; t < n; ++t)
+      quantize_activations_int8(x + t * ldx, 1, cols, scratch.xq.data() + t * cols);
+    x = scratch.xq.data();
+    ldx = cols;
+  }
+  const auto run = [&](const formats::PackedWeight& pw, const float* in, int64_t ldin, float* out,
+                       int64_t ldout) {
+    if (w8a8) {
+      kernels::linear_isa(active_isa(), kernels::DecodeInput::F32, pw, in, ldin, n, out, ldout,
+                          pool);
+    } else {
+      kernels::linear(pw, in, ldin, n, out, ldout, pool);
+    }
+  };
+  if (!l.packed_v) {
+    run(w, x, ldx, y, ldy);
+    return;
+  }
+  const int64_t rank = l.packed_v->rows();
+  if (static_cast<int64_t>(scratch.low_rank.size()) < n * rank)
+    scratch.low_rank.resize(static_cast<size_t>(n * rank));
+  run(*l.packed_v, x, ldx, scratch.low_rank.data(), rank);
+  run(w, scratch.low_rank.data(), rank, y, ldy);
+}
+
+void linear_forward_many(const LinearTarget* targets, int count, const float* x, int64_t ldx,
+                         int64_t n, LinearScratch& scratch, ThreadPool& pool) {
+  constexpr int kMax = 8;
+  bool together = count <= kMax;
+  for (int i = 0; i < count; ++i)
+    together = together && !targets[i].linear->packed_v && targets[i].linear->input_bits == 0;
+  if (!together) {
+    for (int i = 0; i < count; ++i)
+      linear_forward(*targets[i].linear, x, ldx, n, targets[i].y, targets[i].ldy, scratch, pool);
+    return;
+  }
+  formats::PackedWeight tmp[kMax];
+  kernels::PackedLinearOutput outs[kMax];
+  for (int i = 0; i < count; ++i)
+    outs[i] = {&packed_of(*targets[i].linear, tmp[i]), targets[i].y, targets[i].ldy};
+  kernels::linear_many(outs, count, x, ldx, n, pool);
+}
 
 void rms_norm(const float* x, const float* w, float eps, int64_t n, int64_t dim, float* out) {
   for (int64_t t = 0; t < n; ++t) {
@@ -195,8 +397,12 @@ KvCache::KvCache(const io::ModelConfig& c, int64_t max_tokens) {
 
 void KvCache::truncate(int64_t n) { size_ = std::clamp<int64_t>(n, 0, size_); }
 
-std::unique_ptr<Model> Model::load(const std::string& dir) {
+std::unique_ptr<Model> Model::load(const std::string& dir, LoadOptions options) {
   std::unique_ptr<Model> m(new Model());
+  if (const char* env = std::getenv("SPARSA_REFERENCE_LINEAR");
+      env != nullptr && std::string(env) == "1")
+    options.linear = LinearPath::kReference;
+  m->linear_path_ = options.linear;
   m->config_ = io::ModelConfig::from_dir(dir);
   m->checkpoint_ = io::Checkpoint::open_dir(dir);
   m->compression_ = io::read_compression_config(
@@ -206,46 +412,104 @@ std::unique_ptr<Model> Model::load(const std::string& dir) {
   const int64_t h = c.hidden_size, q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
   m->embed_ = get_shaped(ck, "model.embed_tokens.weight", {c.vocab_size, h});
   m->blocks_.resize(static_cast<size_t>(c.num_layers));
-  for (int64_t l = 0; l < c.num_layers; ++l) {
+  const io::CompressionConfig& cc = m->compression_;
+  const LinearPath path = options.linear;
+  // Every (linear, layer) is independent: compressed checkpoints are decoded and packed on all
+  // cores, 7 tasks per layer; a mapped dense checkpoint needs no threads.
+  const bool compressed = cc.quantization || cc.sparsity || cc.sparsa;
+  std::vector<std::exception_ptr> errors(static_cast<size_t>(c.num_layers * 7));
+  ThreadPool load_pool(compressed ? 0 : 1);
+  load_pool.run(c.num_layers * 7, [&](int64_t task) {
+    const int64_t l = task / 7;
     const std::string p = "model.layers." + std::to_string(l) + ".";
     Block& b = m->blocks_[static_cast<size_t>(l)];
-    b.attn_norm = load_vector(ck, p + "input_layernorm.weight", h);
-    b.mlp_norm = load_vector(ck, p + "post_attention_layernorm.weight", h);
-    b.q = load_linear(ck, p + "self_attn.q_proj", q, h, c.attention_bias, m->compression_);
-    b.k = load_linear(ck, p + "self_attn.k_proj", kv, h, c.attention_bias, m->compression_);
-    b.v = load_linear(ck, p + "self_attn.v_proj", kv, h, c.attention_bias, m->compression_);
-    b.o = load_linear(ck, p + "self_attn.o_proj", h, q, c.o_bias, m->compression_);
-    b.gate = load_linear(ck, p + "mlp.gate_proj", c.intermediate_size, h, c.mlp_bias, m->compression_);
-    b.up = load_linear(ck, p + "mlp.up_proj", c.intermediate_size, h, c.mlp_bias, m->compression_);
-    b.down = load_linear(ck, p + "mlp.down_proj", h, c.intermediate_size, c.mlp_bias, m->compression_);
-  }
+    try {
+      switch (task % 7) {
+        case 0:
+          b.attn_norm = load_vector(ck, p + "input_layernorm.weight", h);
+          b.mlp_norm = load_vector(ck, p + "post_attention_layernorm.weight", h);
+          b.q = load_linear(ck, p + "self_attn.q_proj", q, h, c.attention_bias, cc, path);
+          break;
+        case 1:
+          b.k = load_linear(ck, p + "self_attn.k_proj", kv, h, c.attention_bias, cc, path);
+          break;
+        case 2:
+          b.v = load_linear(ck, p + "self_attn.v_proj", kv, h, c.attention_bias, cc, path);
+          break;
+        case 3:
+          b.o = load_linear(ck, p + "self_attn.o_proj", h, q, c.o_bias, cc, path);
+          break;
+        case 4:
+          b.gate =
+              load_linear(ck, p + "mlp.gate_proj", c.intermediate_size, h, c.mlp_bias, cc, path);
+          break;
+        case 5:
+          b.up = load_linear(ck, p + "mlp.up_proj", c.intermediate_size, h, c.mlp_bias, cc, path);
+          break;
+        default:
+          b.down =
+              load_linear(ck, p + "mlp.down_proj", h, c.intermediate_size, c.mlp_bias, cc, path);
+          break;
+      }
+    } catch (...) {
+      errors[static_cast<size_t>(task)] = std::current_exception();
+    }
+  });
+  // The first error in tensor order, as a sequential load would report it.
+  for (const std::exception_ptr& e : errors)
+    if (e) std::rethrow_exception(e);
   m->final_norm_ = load_vector(ck, "model.norm.weight", h);
   if (c.tie_word_embeddings && ck.find("lm_head.weight") == nullptr) {
     m->lm_head_.name = "model.embed_tokens.weight";
     m->lm_head_.weight = kernels::DenseWeight{m->embed_.dtype, c.vocab_size, h, m->embed_.data};
+    m->lm_head_.packed =
+        share(formats::pack_dense(m->embed_.dtype, c.vocab_size, h, m->embed_.data, false));
   } else {
-    m->lm_head_ = load_linear(ck, "lm_head", c.vocab_size, h, false, m->compression_);
+    m->lm_head_ = load_linear(ck, "lm_head", c.vocab_size, h, false, cc, path);
   }
   m->rope_inv_freq_ = rope_inverse_frequencies(c);
   return m;
 }
 
+std::unique_ptr<Model> Model::from_parts(io::ModelConfig config, io::TensorView embedding,
+                                         std::vector<Block> blocks, std::vector<float> final_norm,
+                                         Linear lm_head, std::shared_ptr<const void> storage) {
+  const int64_t h = config.hidden_size;
+  SPARSA_CHECK(static_cast<int64_t>(blocks.size()) == config.num_layers,
+               "Model::from_parts: {} blocks for {} layers", blocks.size(), config.num_layers);
+  SPARSA_CHECK(embedding.shape == (std::vector<int64_t>{config.vocab_size, h}),
+               "Model::from_parts: the embedding has shape {}; the config implies [{}, {}]",
+               shape_str(embedding.shape), config.vocab_size, h);
+  check_float_dtype(embedding);
+  SPARSA_CHECK(static_cast<int64_t>(final_norm.size()) == h &&
+                   lm_head.rows() == config.vocab_size && lm_head.cols() == h,
+               "Model::from_parts: the final norm or lm_head does not fit hidden size {}", h);
+  std::unique_ptr<Model> m(new Model());
+  m->config_ = std::move(config);
+  m->embed_ = std::move(embedding);
+  m->blocks_ = std::move(blocks);
+  m->final_norm_ = std::move(final_norm);
+  m->lm_head_ = std::move(lm_head);
+  m->storage_ = std::move(storage);
+  m->rope_inv_freq_ = rope_inverse_frequencies(m->config_);
+  return m;
+}
+
 size_t Model::weight_bytes_per_token() const {
-  // What one step reads: the weights as the kernels see them (decoded f32 for compressed
-  // layers, until their packed kernels exist).
-  auto bytes = [](const Linear& l) {
-    return static_cast<size_t>(l.weight.rows * l.weight.cols) * dtype_size(l.weight.dtype) +
-           l.bias.size() * sizeof(float);
-  };
-  size_t total = bytes(lm_head_) + static_cast<size_t>(config_.hidden_size) * dtype_size(embed_.dtype);
+  // What one step reads: every linear weight as its kernel streams it, and one embedding row.
+  size_t total = lm_head_.bytes_per_token() +
+                 static_cast<size_t>(config_.hidden_size) * dtype_size(embed_.dtype);
   for (const Block& b : blocks_)
-    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) total += bytes(*l);
+    for (const Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+      total += l->bytes_per_token();
   return total;
 }
 
 void BlockWorkspace::reserve(const io::ModelConfig& c, int64_t n) {
   if (n <= tokens) return;
-  auto grow = [n](std::vector<float>& v, int64_t width) { v.resize(static_cast<size_t>(n * width)); };
+  auto grow = [n](std::vector<float>& v, int64_t width) {
+    v.resize(static_cast<size_t>(n * width));
+  };
   grow(xn, c.hidden_size);
   grow(q, c.num_heads * c.head_dim);
   grow(attn, c.num_heads * c.head_dim);
@@ -253,14 +517,13 @@ void BlockWorkspace::reserve(const io::ModelConfig& c, int64_t n) {
   grow(up, c.intermediate_size);
   grow(cos, c.head_dim / 2);
   grow(sin, c.head_dim / 2);
-  grow(xq, std::max({c.hidden_size, c.num_heads * c.head_dim, c.intermediate_size}));
   tokens = n;
 }
 
 void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
                    const std::vector<float>& inv_freq, float* x, int64_t n, int64_t pos0,
-                   float* k_cache, float* v_cache, BlockWorkspace& ws,
-                   const LinearInputHook& hook, ThreadPool& pool) {
+                   float* k_cache, float* v_cache, BlockWorkspace& ws, const LinearInputHook& hook,
+                   ThreadPool& pool) {
   const int64_t h = c.hidden_size, hd = c.head_dim, half = hd / 2;
   const int64_t qw = c.num_heads * hd, kvw = c.num_kv_heads * hd, ffn = c.intermediate_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
@@ -276,17 +539,10 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
       ws.sin[static_cast<size_t>(t * half + i)] = std::sin(a);
     }
   }
-  auto run_linear = [&](const char* tag, const Linear& l, const float* in, int64_t ldin,
-                        float* out, int64_t ldout) {
+  auto run_linear = [&](const char* tag, const Linear& l, const float* in, int64_t ldin, float* out,
+                        int64_t ldout) {
     if (hook) hook(layer, tag, in, n);
-    if (l.input_bits == 8) {
-      const int64_t cols = l.weight.cols;
-      for (int64_t t = 0; t < n; ++t)
-        quantize_activations_int8(in + t * ldin, 1, cols, ws.xq.data() + t * cols);
-      in = ws.xq.data();
-      ldin = cols;
-    }
-    kernels::linear(l.weight, in, ldin, n, out, ldout, pool);
+    linear_forward(l, in, ldin, n, out, ldout, ws.linear, pool);
     add_bias(out, ldout, n, l.bias);
   };
   kernels::AttentionShape shape;
@@ -300,14 +556,13 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
   float* kc = k_cache + pos0 * kvw;
   float* vc = v_cache + pos0 * kvw;
   rms_norm(x, b.attn_norm.data(), eps, n, h, xn);
-  if (hook || b.q.input_bits || b.k.input_bits || b.v.input_bits) {
+  if (hook) {
     run_linear("q", b.q, xn, h, q, qw);
     run_linear("k", b.k, xn, h, kc, kvw);
     run_linear("v", b.v, xn, h, vc, kvw);
   } else {
-    const kernels::LinearOutput qkv[3] = {
-        {b.q.weight, q, qw}, {b.k.weight, kc, kvw}, {b.v.weight, vc, kvw}};
-    kernels::linear_many(qkv, 3, xn, h, n, pool);
+    const LinearTarget qkv[3] = {{&b.q, q, qw}, {&b.k, kc, kvw}, {&b.v, vc, kvw}};
+    linear_forward_many(qkv, 3, xn, h, n, ws.linear, pool);
     add_bias(q, qw, n, b.q.bias);
     add_bias(kc, kvw, n, b.k.bias);
     add_bias(vc, kvw, n, b.v.bias);
@@ -319,12 +574,12 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
   for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];
 
   rms_norm(x, b.mlp_norm.data(), eps, n, h, xn);
-  if (hook || b.gate.input_bits || b.up.input_bits) {
+  if (hook) {
     run_linear("gate", b.gate, xn, h, gate, ffn);
     run_linear("up", b.up, xn, h, up, ffn);
   } else {
-    const kernels::LinearOutput gate_up[2] = {{b.gate.weight, gate, ffn}, {b.up.weight, up, ffn}};
-    kernels::linear_many(gate_up, 2, xn, h, n, pool);
+    const LinearTarget gate_up[2] = {{&b.gate, gate, ffn}, {&b.up, up, ffn}};
+    linear_forward_many(gate_up, 2, xn, h, n, ws.linear, pool);
     add_bias(gate, ffn, n, b.gate.bias);
     add_bias(up, ffn, n, b.up.bias);
   }
@@ -338,8 +593,8 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
   for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];
 }
 
-void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logits,
-                    bool all_logits, ThreadPool& pool) {
+void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logits, bool all_logits,
+                    ThreadPool& pool) {
   SPARSA_CHECK(!tokens.empty(), "forward: no tokens given");
   SPARSA_CHECK(cache.size() + static_cast<int64_t>(tokens.size()) <= cache.capacity(),
                "sequence of {} tokens does not fit in the context ({} tokens)",
@@ -352,8 +607,8 @@ void Model::forward(std::span<const int32_t> tokens, KvCache& cache, float* logi
     const int64_t len = std::min(kMaxChunk, n - begin);
     const bool last = begin + len == n;
     float* out = all_logits ? logits + begin * config_.vocab_size : (last ? logits : nullptr);
-    forward_chunk(tokens.subspan(static_cast<size_t>(begin), static_cast<size_t>(len)), cache,
-                  out, all_logits, pool);
+    forward_chunk(tokens.subspan(static_cast<size_t>(begin), static_cast<size_t>(len)), cache, out,
+                  all_logits, pool);
   }
 }
 
@@ -375,10 +630,10 @@ void Model::forward_chunk(std::span<const int32_t> tokens, KvCache& cache, float
   float* xn = ws_.xn.data();
   if (all_logits) {
     rms_norm(x, final_norm_.data(), eps, n, h, xn);
-    kernels::linear(lm_head_.weight, xn, h, n, logits, c.vocab_size, pool);
+    linear_forward(lm_head_, xn, h, n, logits, c.vocab_size, ws_.linear, pool);
   } else {
     rms_norm(x + (n - 1) * h, final_norm_.data(), eps, 1, h, xn);
-    kernels::linear(lm_head_.weight, xn, h, 1, logits, c.vocab_size, pool);
+    linear_forward(lm_head_, xn, h, 1, logits, c.vocab_size, ws_.linear, pool);
   }
 }
 

@@ -40,6 +40,15 @@ void embed_row(const io::TensorView& t, int64_t row, int64_t h, float* out) {
   }
 }
 
+// Sequences with at most this many new tokens share one parallel attention run.
+constexpr int64_t kFewTokens = 4;
+
+// Runs a task list on the calling thread (a pool of one has no workers).
+ThreadPool& serial_pool() {
+  static ThreadPool pool(1);
+  return pool;
+}
+
 }  // namespace
 
 void forward_batch(const Model& model, std::span<const BatchSequence> seqs, BatchWorkspace& ws,
@@ -103,6 +112,7 @@ void forward_batch(const Model& model, std::span<const BatchSequence> seqs, Batc
     }
   }
 
+  std::vector<std::pair<size_t, int64_t>> few;  // (sequence, first row) of short sequences
   kernels::AttentionShape shape;
   shape.n_heads = static_cast<int>(c.num_heads);
   shape.n_kv_heads = static_cast<int>(c.num_kv_heads);
@@ -112,35 +122,52 @@ void forward_batch(const Model& model, std::span<const BatchSequence> seqs, Batc
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const Block& b = model.blocks()[static_cast<size_t>(l)];
     rms_norm(x, b.attn_norm.data(), eps, n, h, xn);
-    const kernels::LinearOutput qkv[3] = {
-        {b.q.weight, q, qw}, {b.k.weight, k, kvw}, {b.v.weight, v, kvw}};
-    kernels::linear_many(qkv, 3, xn, h, n, pool);
+    const LinearTarget qkv[3] = {{&b.q, q, qw}, {&b.k, k, kvw}, {&b.v, v, kvw}};
+    linear_forward_many(qkv, 3, xn, h, n, ws.linear, pool);
     add_bias(q, qw, n, b.q.bias);
     add_bias(k, kvw, n, b.k.bias);
     add_bias(v, kvw, n, b.v.bias);
     apply_rope(q, qw, n, c.num_heads, hd, ws.cos.data(), ws.sin.data());
     apply_rope(k, kvw, n, c.num_kv_heads, hd, ws.cos.data(), ws.sin.data());
 
+    // Attention runs per sequence over its own cache. A sequence of a few new tokens (a decode
+    // step) is too little work to spread over the threads by itself: those sequences are the
+    // tasks of one parallel run instead, each computed exactly as alone.
     row = 0;
-    for (const BatchSequence& s : seqs) {
+    few.clear();
+    for (size_t i = 0; i < seqs.size(); ++i) {
+      const BatchSequence& s = seqs[i];
       const int64_t len = static_cast<int64_t>(s.tokens.size());
       const int64_t pos0 = s.cache->size();
       float* kc = s.cache->keys(l);
       float* vc = s.cache->values(l);
       std::memcpy(kc + pos0 * kvw, k + row * kvw, static_cast<size_t>(len * kvw) * sizeof(float));
       std::memcpy(vc + pos0 * kvw, v + row * kvw, static_cast<size_t>(len * kvw) * sizeof(float));
-      shape.n_q = len;
-      shape.pos0 = pos0;
-      kernels::attention(shape, q + row * qw, qw, kc, vc, kvw, attn + row * qw, qw, pool);
+      if (seqs.size() > 1 && len <= kFewTokens) {
+        few.push_back({i, row});
+      } else {
+        shape.n_q = len;
+        shape.pos0 = pos0;
+        kernels::attention(shape, q + row * qw, qw, kc, vc, kvw, attn + row * qw, qw, pool);
+      }
       row += len;
     }
-    kernels::linear(b.o.weight, attn, qw, n, xn, h, pool);
+    pool.run(static_cast<int64_t>(few.size()), [&](int64_t t) {
+      const auto [i, r] = few[static_cast<size_t>(t)];
+      const BatchSequence& s = seqs[i];
+      kernels::AttentionShape one = shape;
+      one.n_q = static_cast<int64_t>(s.tokens.size());
+      one.pos0 = s.cache->size();
+      kernels::attention(one, q + r * qw, qw, s.cache->keys(l), s.cache->values(l), kvw,
+                         attn + r * qw, qw, serial_pool());
+    });
+    linear_forward(b.o, attn, qw, n, xn, h, ws.linear, pool);
     add_bias(xn, h, n, b.o.bias);
     for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];
 
     rms_norm(x, b.mlp_norm.data(), eps, n, h, xn);
-    const kernels::LinearOutput gate_up[2] = {{b.gate.weight, gate, ffn}, {b.up.weight, up, ffn}};
-    kernels::linear_many(gate_up, 2, xn, h, n, pool);
+    const LinearTarget gate_up[2] = {{&b.gate, gate, ffn}, {&b.up, up, ffn}};
+    linear_forward_many(gate_up, 2, xn, h, n, ws.linear, pool);
     add_bias(gate, ffn, n, b.gate.bias);
     add_bias(up, ffn, n, b.up.bias);
     pool.parallel_for(n * ffn, 4096, [&](int64_t begin, int64_t end) {
@@ -149,7 +176,7 @@ void forward_batch(const Model& model, std::span<const BatchSequence> seqs, Batc
         gate[i] = g / (1.0f + std::exp(-g)) * up[i];
       }
     });
-    kernels::linear(b.down.weight, gate, ffn, n, xn, h, pool);
+    linear_forward(b.down, gate, ffn, n, xn, h, ws.linear, pool);
     add_bias(xn, h, n, b.down.bias);
     for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];
   }
@@ -168,7 +195,7 @@ void forward_batch(const Model& model, std::span<const BatchSequence> seqs, Batc
   if (n_out == 0) return;
   const int64_t vocab = c.vocab_size;
   grow(ws.logits, n_out * vocab);
-  kernels::linear(model.lm_head().weight, xn, h, n_out, ws.logits.data(), vocab, pool);
+  linear_forward(model.lm_head(), xn, h, n_out, ws.logits.data(), vocab, ws.linear, pool);
   out = 0;
   for (const BatchSequence& s : seqs) {
     if (s.logits == nullptr) continue;

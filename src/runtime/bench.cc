@@ -2,10 +2,17 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cmath>
+#include <limits>
+#include <string_view>
 #include <vector>
 
+#include "sparsa/compress/palettize.h"
+#include "sparsa/compress/prune.h"
+#include "sparsa/compress/quantize.h"
 #include "sparsa/core/cpu.h"
 #include "sparsa/core/error.h"
+#include "sparsa/formats/packed_weight.h"
 #include "sparsa/kernels/linear.h"
 #include "sparsa/runtime/sampler.h"
 
@@ -40,7 +47,8 @@ BenchResult run_bench(model::Model& model, ThreadPool& pool, const BenchOptions&
 
   Rng rng(opt.seed);
   std::vector<int32_t> prompt(static_cast<size_t>(opt.prompt_tokens));
-  for (auto& t : prompt) t = static_cast<int32_t>(rng.next() % static_cast<uint64_t>(cfg.vocab_size));
+  for (auto& t : prompt)
+    t = static_cast<int32_t>(rng.next() % static_cast<uint64_t>(cfg.vocab_size));
   std::vector<float> logits(static_cast<size_t>(cfg.vocab_size));
   model::KvCache cache(cfg, opt.prompt_tokens + opt.decode_tokens);
 
@@ -75,14 +83,267 @@ BenchResult run_bench(model::Model& model, ThreadPool& pool, const BenchOptions&
   int64_t linear_params = cfg.vocab_size * cfg.hidden_size;
   for (const auto& b : model.blocks())
     for (const auto* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
-      linear_params += l->weight.rows * l->weight.cols;
+      linear_params += l->rows() * l->cols();
   // lm_head runs for the last prompt token only.
-  const double flops =
-      2.0 * static_cast<double>(linear_params - cfg.vocab_size * cfg.hidden_size) *
-          static_cast<double>(opt.prompt_tokens) +
-      2.0 * static_cast<double>(cfg.vocab_size * cfg.hidden_size);
+  const double flops = 2.0 * static_cast<double>(linear_params - cfg.vocab_size * cfg.hidden_size) *
+                           static_cast<double>(opt.prompt_tokens) +
+                       2.0 * static_cast<double>(cfg.vocab_size * cfg.hidden_size);
   r.prefill_gflop_per_s = flops / prefill_s / 1e9;
   return r;
+}
+
+}  // namespace sparsa
+
+// ---- formats compared on random weights
+// ----------------------------------------------------------
+
+namespace sparsa {
+
+namespace {
+
+bool take_prefix(std::string_view& s, std::string_view p) {
+  if (s.substr(0, p.size()) != p) return false;
+  s.remove_prefix(p.size());
+  return true;
+}
+
+bool take_int(std::string_view& s, int64_t& v) {
+  size_t i = 0;
+  v = 0;
+  while (i < s.size() && i < 9 && s[i] >= '0' && s[i] <= '9') v = v * 10 + (s[i++] - '0');
+  if (i == 0) return false;
+  s.remove_prefix(i);
+  return true;
+}
+
+// Normal(0, stddev) values rounded to bf16: Irwin–Hall (4 uniforms), as write_random_checkpoint.
+void fill_random_bf16(float* out, int64_t n, uint64_t seed, double stddev) {
+  Rng rng(seed);
+  const double k = std::sqrt(3.0) * stddev / 65536.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const uint64_t r = rng.next();
+    const double sum =
+        static_cast<double>((r & 0xffff) + ((r >> 16) & 0xffff) + ((r >> 32) & 0xffff) + (r >> 48));
+    out[i] = bf16_to_f32(f32_to_bf16(static_cast<float>((sum - 2.0 * 65536.0) * k)));
+  }
+}
+
+uint64_t mix_seed(uint64_t seed, uint64_t a, uint64_t b) {
+  uint64_t z = seed + 0x9e3779b97f4a7c15ull * (a * 16 + b + 1);
+  z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+  z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+  return z ^ (z >> 31);
+}
+
+std::shared_ptr<const formats::PackedWeight> share(formats::PackedWeight w) {
+  return std::make_shared<const formats::PackedWeight>(std::move(w));
+}
+
+formats::PackedWeight pack_float(const compress::Matrix& w, DType dtype) {
+  if (dtype == DType::F32)
+    return formats::pack_dense(DType::F32, w.rows, w.cols, w.data.data(), true);
+  std::vector<uint16_t> h(w.data.size());
+  for (size_t i = 0; i < h.size(); ++i)
+    h[i] = dtype == DType::BF16 ? f32_to_bf16(w.data[i]) : f32_to_f16(w.data[i]);
+  return formats::pack_dense(dtype, w.rows, w.cols, h.data(), true);
+}
+
+// One random [rows, cols] weight in format f: pruned by magnitude, then quantized (RTN) or
+// palettized, then packed.
+formats::PackedWeight random_weight(const BenchFormat& f, int64_t rows, int64_t cols,
+                                    uint64_t seed) {
+  compress::Matrix w(rows, cols);
+  fill_random_bf16(w.data.data(), rows * cols, seed, 0.02);
+  compress::Mask keep;
+  if (f.sparsity > 0) {
+    keep = compress::magnitude_prune(w, {.sparsity = f.sparsity});
+  } else if (f.nm_m > 0) {
+    keep = compress::magnitude_prune(w, {.n = f.nm_m - f.nm_keep, .m = f.nm_m});
+  }
+  const compress::Mask* kp = keep.empty() ? nullptr : &keep;
+  switch (f.values) {
+    case BenchFormat::Values::kDense:
+      if (kp != nullptr) return formats::pack_sparse(w, keep, formats::ValueFormat{});
+      return pack_float(w, f.dtype);
+    case BenchFormat::Values::kInt: {
+      const compress::QuantResult q = compress::rtn_quantize(
+          w, {.bits = f.bits, .symmetric = false, .group_size = f.group_size}, kp);
+      return formats::pack_quantized(q, kp);
+    }
+    case BenchFormat::Values::kPalette: {
+      const compress::Palette p = compress::palettize(w, {.bits = f.bits, .group_rows = 0});
+      return formats::pack_palette(p, cols, kp);
+    }
+  }
+  fail("bench: format '{}' has no values", f.name);
+}
+
+}  // namespace
+
+BenchFormat parse_bench_format(const std::string& name) {
+  auto bad = [&](const std::string& why) {
+    fail(
+        "bench: unknown format '{}': {}. Formats: bf16, f16, f32, int<b>g<G>, int<b> (per "
+        "channel), palette<b> (b in 2..8), sparse<P>-<values>, <n>of<m>-<values> with values "
+        "bf16, int<b>[g<G>] or palette<b> (e.g. int4g128, sparse50-int4g128, 2of4-bf16, "
+        "palette3)",
+        name, why);
+  };
+  BenchFormat f;
+  f.name = name;
+  std::string_view s = name;
+  int64_t v = 0;
+  bool sparse = false;
+  if (take_prefix(s, "sparse")) {
+    if (!take_int(s, v) || !take_prefix(s, "-")) bad("expected sparse<percent>-<values>");
+    if (v < 1 || v > 99) bad("the sparsity must be 1..99 percent");
+    f.sparsity = static_cast<double>(v) / 100.0;
+    sparse = true;
+  } else if (!s.empty() && s[0] >= '0' && s[0] <= '9') {
+    int64_t m = 0;
+    if (!take_int(s, v) || !take_prefix(s, "of") || !take_int(s, m) || !take_prefix(s, "-"))
+      bad("expected <n>of<m>-<values>");
+    if (v < 1 || v >= m || m > 64) bad("N:M needs 0 < n < m <= 64");
+    f.nm_keep = static_cast<int>(v);
+    f.nm_m = static_cast<int>(m);
+    sparse = true;
+  }
+  if (s == "bf16" || s == "f16" || s == "f32") {
+    f.values = BenchFormat::Values::kDense;
+    f.dtype = s == "bf16" ? DType::BF16 : (s == "f16" ? DType::F16 : DType::F32);
+    if (sparse && f.dtype != DType::BF16) bad("sparse float weights are stored as bf16");
+  } else if (take_prefix(s, "int")) {
+    if (!take_int(s, v) || v < 2 || v > 8) bad("int<b> needs b in 2..8");
+    f.values = BenchFormat::Values::kInt;
+    f.bits = static_cast<int>(v);
+    if (take_prefix(s, "g") && (!take_int(s, f.group_size) || f.group_size < 1))
+      bad("int<b>g<G> needs a positive group size");
+    if (!s.empty()) bad("unexpected '" + std::string(s) + "'");
+  } else if (take_prefix(s, "palette")) {
+    if (!take_int(s, v) || v < 2 || v > 8) bad("palette<b> needs b in 2..8");
+    if (!s.empty()) bad("unexpected '" + std::string(s) + "'");
+    f.values = BenchFormat::Values::kPalette;
+    f.bits = static_cast<int>(v);
+  } else {
+    bad("expected bf16, f16, f32, int<b>..., or palette<b>");
+  }
+  return f;
+}
+
+std::unique_ptr<model::Model> build_random_model(const io::ModelConfig& c, const BenchFormat& f,
+                                                 uint64_t seed, ThreadPool& pool) {
+  const int64_t h = c.hidden_size, q = c.num_heads * c.head_dim, kv = c.num_kv_heads * c.head_dim;
+  const int64_t ffn = c.intermediate_size;
+  if (f.group_size > 0)
+    for (int64_t cols : {h, q, ffn})
+      SPARSA_CHECK(cols % f.group_size == 0,
+                   "bench: format '{}': group size {} does not divide {} input columns", f.name,
+                   f.group_size, cols);
+  if (f.nm_m > 0)
+    for (int64_t cols : {h, q, ffn})
+      SPARSA_CHECK(cols % f.nm_m == 0, "bench: format '{}': {} does not divide {} input columns",
+                   f.name, f.nm_m, cols);
+  struct Slot {
+    int64_t rows, cols;
+    bool bias;
+  };
+  const Slot slots[7] = {{q, h, c.attention_bias},  {kv, h, c.attention_bias},
+                         {kv, h, c.attention_bias}, {h, q, c.o_bias},
+                         {ffn, h, c.mlp_bias},      {ffn, h, c.mlp_bias},
+                         {h, ffn, c.mlp_bias}};
+  std::vector<model::Block> blocks(static_cast<size_t>(c.num_layers));
+  model::Linear lm_head;
+  lm_head.name = "lm_head";
+  auto linear_of = [&](int64_t task) -> model::Linear& {
+    if (task == c.num_layers * 7) return lm_head;
+    model::Block& b = blocks[static_cast<size_t>(task / 7)];
+    model::Linear* ls[7] = {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down};
+    return *ls[task % 7];
+  };
+  // Largest matrices first (lm_head, then each layer's), claimed dynamically by the threads.
+  pool.run(c.num_layers * 7 + 1, [&](int64_t i) {
+    const int64_t task = i == 0 ? c.num_layers * 7 : i - 1;
+    model::Linear& l = linear_of(task);
+    const uint64_t s =
+        mix_seed(seed, static_cast<uint64_t>(task / 7), static_cast<uint64_t>(task % 7));
+    if (task == c.num_layers * 7) {
+      compress::Matrix w(c.vocab_size, h);
+      fill_random_bf16(w.data.data(), c.vocab_size * h, s, 0.02);
+      if (f.values == BenchFormat::Values::kDense && f.sparsity == 0 && f.nm_m == 0) {
+        l.packed = share(pack_float(w, f.dtype));
+      } else {
+        const compress::QuantResult qr =
+            compress::rtn_quantize(w, {.bits = 8, .symmetric = true, .group_size = 0});
+        l.packed = share(formats::pack_quantized(qr));
+      }
+      return;
+    }
+    const Slot& sl = slots[task % 7];
+    l.name = "model.layers." + std::to_string(task / 7) + "." + std::to_string(task % 7);
+    l.format = f.name;
+    l.packed = share(random_weight(f, sl.rows, sl.cols, s));
+    if (sl.bias) l.bias.assign(static_cast<size_t>(sl.rows), 0.0f);
+  });
+  for (model::Block& b : blocks) {
+    b.attn_norm.assign(static_cast<size_t>(h), 1.0f);
+    b.mlp_norm.assign(static_cast<size_t>(h), 1.0f);
+  }
+  auto embed = std::make_shared<std::vector<uint16_t>>(static_cast<size_t>(c.vocab_size * h));
+  {
+    std::vector<float> row(static_cast<size_t>(h));
+    for (int64_t r = 0; r < c.vocab_size; ++r) {
+      fill_random_bf16(row.data(), h, mix_seed(seed, 1u << 20, static_cast<uint64_t>(r)), 0.02);
+      for (int64_t j = 0; j < h; ++j)
+        (*embed)[static_cast<size_t>(r * h + j)] = f32_to_bf16(row[static_cast<size_t>(j)]);
+    }
+  }
+  io::TensorView ev;
+  ev.name = "model.embed_tokens.weight";
+  ev.dtype = DType::BF16;
+  ev.shape = {c.vocab_size, h};
+  ev.data = reinterpret_cast<const uint8_t*>(embed->data());
+  ev.nbytes = embed->size() * sizeof(uint16_t);
+  ev.file = "(random)";
+  return model::Model::from_parts(c, std::move(ev), std::move(blocks),
+                                  std::vector<float>(static_cast<size_t>(h), 1.0f),
+                                  std::move(lm_head), std::move(embed));
+}
+
+std::vector<FormatBenchResult> run_format_bench(
+    const io::ModelConfig& config, const std::vector<std::string>& names, ThreadPool& pool,
+    const BenchOptions& options, const std::function<void(const FormatBenchResult&)>& on_result) {
+  using Clock = std::chrono::steady_clock;
+  SPARSA_CHECK(!names.empty(), "bench: no formats given");
+  std::vector<BenchFormat> fmts;
+  for (const std::string& n : names) fmts.push_back(parse_bench_format(n));
+  std::vector<FormatBenchResult> results;
+  for (const BenchFormat& f : fmts) {
+    FormatBenchResult r;
+    r.format = f.name;
+    const auto t0 = Clock::now();
+    std::unique_ptr<model::Model> m = build_random_model(config, f, options.seed, pool);
+    r.build_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
+    r.layout = m->blocks().at(0).gate.describe();
+    r.bench = run_bench(*m, pool, options);
+    m.reset();
+    if (on_result) on_result(r);
+    results.push_back(std::move(r));
+  }
+  const auto find = [&](const char* name) -> const FormatBenchResult* {
+    for (const FormatBenchResult& r : results)
+      if (r.format == name) return &r;
+    return nullptr;
+  };
+  const FormatBenchResult* int4 = find("int4g128");
+  const FormatBenchResult* bf16 = find("bf16");
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (FormatBenchResult& r : results) {
+    r.decode_speedup_vs_int4g128 =
+        int4 ? r.bench.decode_tokens_per_s / int4->bench.decode_tokens_per_s : nan;
+    r.prefill_fraction_of_bf16 =
+        bf16 ? r.bench.prefill_tokens_per_s / bf16->bench.prefill_tokens_per_s : nan;
+  }
+  return results;
 }
 
 }  // namespace sparsa

@@ -139,13 +139,47 @@ void Scheduler::finish(Sequence& s, std::string reason, std::string error,
   ends.emplace_back(std::move(s.cb), std::move(e));
 }
 
+// The next token of `s` from its logits (left by the step), with the log-probabilities asked for.
+// Touches only `s`, so that sequences can be sampled in parallel.
+int32_t Scheduler::sample_token(Sequence& s, int64_t vocab, TokenInfo& info) {
+  thread_local std::vector<float> raw;
+  thread_local std::vector<std::pair<float, int32_t>> ranked;
+  double log_z = 0;
+  if (s.p.top_logprobs >= 0) {
+    raw.assign(s.logits.begin(), s.logits.end());
+    const float mx = *std::max_element(raw.begin(), raw.end());
+    double z = 0;
+    for (float l : raw) z += std::exp(static_cast<double>(l) - mx);
+    log_z = mx + std::log(z);
+    if (s.p.top_logprobs > 0) {
+      ranked.resize(raw.size());
+      for (size_t t = 0; t < raw.size(); ++t) ranked[t] = {raw[t], static_cast<int32_t>(t)};
+      const size_t k = std::min(ranked.size(), static_cast<size_t>(s.p.top_logprobs));
+      std::partial_sort(ranked.begin(), ranked.begin() + static_cast<ptrdiff_t>(k), ranked.end(),
+                        [](const auto& a, const auto& b) {
+                          return a.first > b.first || (a.first == b.first && a.second < b.second);
+                        });
+      for (size_t t = 0; t < k; ++t)
+        info.top.emplace_back(ranked[t].second, static_cast<float>(ranked[t].first - log_z));
+    }
+  }
+  const int32_t next = s.sampler->sample(s.logits.data(), vocab, s.history);
+  if (s.p.top_logprobs >= 0) info.logprob = static_cast<float>(raw[static_cast<size_t>(next)] - log_z);
+  return next;
+}
+
 void Scheduler::loop() {
   const int64_t vocab = engine_.vocab_size();
   const std::vector<int32_t>& eos = engine_.config().eos_token_ids;
   std::vector<Engine::Item> items;
   std::vector<Sequence*> item_seq;
-  std::vector<float> raw;
-  std::vector<std::pair<float, int32_t>> ranked;
+  struct Sampled {
+    Sequence* seq;
+    TokenInfo info;
+    int32_t next;
+    std::string error;
+  };
+  std::vector<Sampled> sampled;
   std::vector<std::pair<SequenceCallbacks, SequenceEnd>> ends;
   std::vector<double> ttft, itl;
   auto run_ends = [&] {
@@ -242,37 +276,37 @@ void Scheduler::loop() {
       continue;
     }
 
-    uint64_t generated = 0;
-    const auto now = Clock::now();
+    // Sampling (and the log-probabilities) of each sequence is independent of the others and,
+    // over a vocabulary of thousands, costs as much as a share of the batched step: it runs on
+    // the engine's threads, one task per sequence. Reporting stays on this thread, in order.
+    sampled.clear();
     for (size_t i = 0; i < items.size(); ++i) {
       Sequence& s = *item_seq[i];
-      const bool was_prefill = s.prefilled < static_cast<int64_t>(s.p.prompt.size());
-      if (was_prefill) s.prefilled += static_cast<int64_t>(items[i].tokens.size());
-      if (items[i].logits == nullptr) continue;
-
-      TokenInfo info;
-      double log_z = 0;
-      if (s.p.top_logprobs >= 0) {
-        raw.assign(s.logits.begin(), s.logits.end());
-        const float mx = *std::max_element(raw.begin(), raw.end());
-        double z = 0;
-        for (float l : raw) z += std::exp(static_cast<double>(l) - mx);
-        log_z = mx + std::log(z);
-        if (s.p.top_logprobs > 0) {
-          ranked.resize(raw.size());
-          for (size_t t = 0; t < raw.size(); ++t) ranked[t] = {raw[t], static_cast<int32_t>(t)};
-          const size_t k = std::min(ranked.size(), static_cast<size_t>(s.p.top_logprobs));
-          std::partial_sort(ranked.begin(), ranked.begin() + static_cast<ptrdiff_t>(k), ranked.end(),
-                            [](const auto& a, const auto& b) {
-                              return a.first > b.first || (a.first == b.first && a.second < b.second);
-                            });
-          for (size_t t = 0; t < k; ++t)
-            info.top.emplace_back(ranked[t].second, static_cast<float>(ranked[t].first - log_z));
-        }
+      if (s.prefilled < static_cast<int64_t>(s.p.prompt.size()))
+        s.prefilled += static_cast<int64_t>(items[i].tokens.size());
+      if (items[i].logits != nullptr) sampled.push_back({&s, {}, -1, {}});
+    }
+    auto sample_one = [&](int64_t k) {
+      Sampled& o = sampled[static_cast<size_t>(k)];
+      try {
+        o.next = sample_token(*o.seq, vocab, o.info);
+      } catch (const std::exception& e) {
+        o.error = e.what();
       }
-      const int32_t next = s.sampler->sample(s.logits.data(), vocab, s.history);
-      if (s.p.top_logprobs >= 0)
-        info.logprob = static_cast<float>(raw[static_cast<size_t>(next)] - log_z);
+    };
+    if (sampled.size() > 1) engine_.pool().run(static_cast<int64_t>(sampled.size()), sample_one);
+    else if (!sampled.empty()) sample_one(0);
+
+    uint64_t generated = 0;
+    const auto now = Clock::now();
+    for (Sampled& o : sampled) {
+      Sequence& s = *o.seq;
+      if (!o.error.empty()) {
+        finish(s, "error", o.error, ends);
+        continue;
+      }
+      TokenInfo& info = o.info;
+      const int32_t next = o.next;
       if (s.generated == 0) ttft.push_back(seconds_between(s.submitted, now));
       else itl.push_back(seconds_between(s.last_token, now));
       s.last_token = now;

@@ -8,6 +8,7 @@
 
 #include <httplib.h>
 #include <signal.h>
+#include <sys/socket.h>
 
 #include <atomic>
 #include <chrono>
@@ -188,6 +189,7 @@ struct Server::Impl {
   std::mutex metrics_mutex;
   std::map<std::pair<std::string, int>, uint64_t> requests;  // (route, status) → count
   std::atomic<int64_t> active_streams{0};
+  int listen_fd = -1;
 
   uint64_t random_seed() {
     std::lock_guard<std::mutex> lock(rng_mutex);
@@ -460,11 +462,26 @@ struct Server::Impl {
               httplib::Response& res) {
     struct StreamState {
       std::vector<size_t> text_offset;
+      // A text chunk without log-probabilities is text_head[index] + JSON string + text_tail,
+      // byte for byte what chunk_json() gives.
+      std::vector<std::string> text_head;
+      std::string text_tail;
       int64_t completion = 0;
       bool finished = false;
     };
     auto st = std::make_shared<StreamState>();
     st->text_offset.assign(static_cast<size_t>(job.n), 0);
+    {
+      const std::string marker = "\x01";
+      const ojson delta = job.chat ? ojson{{"content", marker}} : ojson(marker);
+      for (int i = 0; i < job.n; ++i) {
+        const std::string whole = "data: " + dump(chunk_json(job, id, created, i, delta, nullptr, nullptr)) + "\n\n";
+        const std::string quoted = dump(ojson(marker));
+        const size_t at = whole.rfind(quoted);  // the text is the last string of the chunk
+        st->text_head.push_back(whole.substr(0, at));
+        st->text_tail = whole.substr(at + quoted.size());
+      }
+    }
     res.set_header("Cache-Control", "no-cache");
     res.set_header("X-Accel-Buffering", "no");
     ++active_streams;
@@ -503,6 +520,13 @@ struct Server::Impl {
               if (e.chunk.text.empty() && e.chunk.logprobs.empty()) continue;
               const ojson lp = logprobs_json(job, e.chunk.logprobs, st->text_offset[i]);
               st->text_offset[i] += e.chunk.text.size();
+              if (lp.is_null()) {
+                // The common chunk (text only): the fixed parts were serialized once.
+                out += st->text_head[i];
+                out += dump(ojson(e.chunk.text));
+                out += st->text_tail;
+                continue;
+              }
               const ojson delta = job.chat ? ojson{{"content", e.chunk.text}} : ojson(e.chunk.text);
               out += "data: " + dump(chunk_json(job, id, created, e.index, delta, lp, nullptr)) + "\n\n";
               continue;
@@ -631,6 +655,15 @@ struct Server::Impl {
     http.set_read_timeout(10, 0);
     http.set_write_timeout(10, 0);
     http.set_tcp_nodelay(true);
+    // A client keeps its connection for many requests (httplib's default closes it after 5).
+    http.set_keep_alive_max_count(100000);
+    // httplib listens with a backlog of 5: a burst of new connections (many clients starting at
+    // once) overflows it, and each dropped SYN costs the client a retransmission a second later.
+    // The listening socket is remembered here and given a full backlog in bind().
+    http.set_socket_options([this](socket_t sock) {
+      httplib::default_socket_options(sock);
+      listen_fd = sock;
+    });
 
     http.set_pre_routing_handler([this](const httplib::Request& req, httplib::Response& res) {
       size_t bytes = 0;
@@ -716,14 +749,18 @@ int Server::bind() {
   ::signal(SIGPIPE, SIG_IGN);
   const ServerOptions& o = impl_->opt;
   SPARSA_CHECK(o.port >= 0 && o.port <= 65535, "port must be in [0, 65535], got {}", o.port);
+  int port = o.port;
   if (o.port == 0) {
-    const int port = impl_->http.bind_to_any_port(o.host);
+    port = impl_->http.bind_to_any_port(o.host);
     SPARSA_CHECK(port > 0, "cannot listen on {} (any port)", o.host);
-    return port;
+  } else {
+    SPARSA_CHECK(impl_->http.bind_to_port(o.host, o.port),
+                 "cannot listen on {}:{} (in use, or not an address of this machine)", o.host,
+                 o.port);
   }
-  SPARSA_CHECK(impl_->http.bind_to_port(o.host, o.port),
-               "cannot listen on {}:{} (in use, or not an address of this machine)", o.host, o.port);
-  return o.port;
+  // listen() again on a listening socket only changes its backlog.
+  if (impl_->listen_fd >= 0) ::listen(impl_->listen_fd, SOMAXCONN);
+  return port;
 }
 
 void Server::run() { impl_->http.listen_after_bind(); }

@@ -4,6 +4,8 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstdio>
 #include <filesystem>
 #include <iostream>
@@ -26,6 +28,7 @@
 #ifdef SPARSA_HAVE_SERVER
 void add_serve_command(CLI::App& app);  // tools/sparsa/serve.cc
 #endif
+void add_finetune_command(CLI::App& app);  // tools/sparsa/finetune.cc
 
 namespace {
 
@@ -260,26 +263,87 @@ int cmd_inspect(const std::string& model_dir, bool as_json) {
   return 0;
 }
 
+json bench_result_json(const sparsa::BenchResult& r) {
+  return {{"threads", r.threads},
+          {"isa", r.isa},
+          {"prompt_tokens", r.prompt_tokens},
+          {"decode_tokens", r.decode_tokens},
+          {"prefill_tokens_per_s", r.prefill_tokens_per_s},
+          {"prefill_gflop_per_s", r.prefill_gflop_per_s},
+          {"decode_tokens_per_s", r.decode_tokens_per_s},
+          {"weight_bytes_per_token", r.weight_bytes_per_token},
+          {"bandwidth_gb_per_s", r.bandwidth_gb_per_s},
+          {"bandwidth_best_gb_per_s", r.bandwidth_best_gb_per_s},
+          {"decode_bound_tokens_per_s", r.decode_bound_tokens_per_s},
+          {"decode_fraction_of_bound", r.decode_fraction_of_bound}};
+}
+
+// sparsa bench --shape NAME --formats a,b,...: random weights of a known shape in each format.
+int cmd_bench_formats(const std::string& shape, const std::string& format_list, int threads,
+                      const sparsa::BenchOptions& opt, bool as_json) {
+  std::vector<std::string> names;
+  for (size_t b = 0; b <= format_list.size();) {
+    const size_t e = std::min(format_list.find(',', b), format_list.size());
+    if (e > b) names.push_back(format_list.substr(b, e - b));
+    b = e + 1;
+  }
+  for (const auto& n : names) sparsa::parse_bench_format(n);  // bad names fail before any work
+  const sparsa::io::ModelConfig cfg = sparsa::model::named_shape(shape);
+  sparsa::ThreadPool pool(threads);
+  const auto results = sparsa::run_format_bench(
+      cfg, names, pool, opt, [](const sparsa::FormatBenchResult& r) {
+        std::fprintf(stderr, "%-20s %-26s built in %5.1f s, decode %.2f tokens/s\n",
+                     r.format.c_str(), r.layout.c_str(), r.build_seconds,
+                     r.bench.decode_tokens_per_s);
+      });
+  const auto ratio = [](double v) { return std::isnan(v) ? json(nullptr) : json(v); };
+  if (as_json) {
+    json list = json::array();
+    for (const auto& r : results) {
+      json j = {{"format", r.format}, {"shape", shape}, {"layout", r.layout},
+                {"build_seconds", r.build_seconds}};
+      j.update(bench_result_json(r.bench));
+      j["decode_speedup_vs_int4g128"] = ratio(r.decode_speedup_vs_int4g128);
+      j["prefill_fraction_of_bf16"] = ratio(r.prefill_fraction_of_bf16);
+      list.push_back(j);
+    }
+    std::cout << list.dump() << "\n";
+    return 0;
+  }
+  const auto opt_ratio = [](double v) {
+    return std::isnan(v) ? std::string("-") : fmt::format("{:.2f}", v);
+  };
+  std::cout << fmt::format("{}: {} prompt tokens, {} decode tokens, {} threads ({})\n", shape,
+                           opt.prompt_tokens, opt.decode_tokens, pool.size(),
+                           results.empty() ? "" : results[0].bench.isa);
+  std::cout << fmt::format("{:<20} {:<24} {:>9} {:>10} {:>9} {:>9} {:>8} {:>7} {:>9} {:>9}\n",
+                           "format", "layout", "MB/token", "prefill/s", "decode/s", "bound/s",
+                           "GB/s", "bound%", "vs int4", "pf/bf16");
+  for (const auto& r : results)
+    std::cout << fmt::format(
+        "{:<20} {:<24} {:>9.1f} {:>10.1f} {:>9.2f} {:>9.2f} {:>8.2f} {:>6.1f}% {:>9} {:>9}\n",
+        r.format, r.layout, static_cast<double>(r.bench.weight_bytes_per_token) / 1e6,
+        r.bench.prefill_tokens_per_s, r.bench.decode_tokens_per_s,
+        r.bench.decode_bound_tokens_per_s, r.bench.bandwidth_gb_per_s,
+        100 * r.bench.decode_fraction_of_bound, opt_ratio(r.decode_speedup_vs_int4g128),
+        opt_ratio(r.prefill_fraction_of_bf16));
+  return 0;
+}
+
 int cmd_bench(const std::string& model_dir, int threads, const sparsa::BenchOptions& opt,
               bool as_json) {
   sparsa::ThreadPool pool(threads);
+  const auto t0 = std::chrono::steady_clock::now();
   auto model = sparsa::model::Model::load(model_dir);
+  const double load_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   const auto r = sparsa::run_bench(*model, pool, opt);
-  const json j = {{"model", model_dir},
-                  {"format", "dense-" + std::string(sparsa::dtype_name(
-                                            model->blocks()[0].q.weight.dtype))},
-                  {"threads", r.threads},
-                  {"isa", r.isa},
-                  {"prompt_tokens", r.prompt_tokens},
-                  {"decode_tokens", r.decode_tokens},
-                  {"prefill_tokens_per_s", r.prefill_tokens_per_s},
-                  {"prefill_gflop_per_s", r.prefill_gflop_per_s},
-                  {"decode_tokens_per_s", r.decode_tokens_per_s},
-                  {"weight_bytes_per_token", r.weight_bytes_per_token},
-                  {"bandwidth_gb_per_s", r.bandwidth_gb_per_s},
-                  {"bandwidth_best_gb_per_s", r.bandwidth_best_gb_per_s},
-                  {"decode_bound_tokens_per_s", r.decode_bound_tokens_per_s},
-                  {"decode_fraction_of_bound", r.decode_fraction_of_bound}};
+  const sparsa::model::Linear& q0 = model->blocks()[0].q;
+  json j = {{"model", model_dir},
+            {"format", q0.format == "dense"
+                           ? "dense-" + std::string(sparsa::dtype_name(q0.weight.dtype))
+                           : q0.describe()},
+            {"load_seconds", load_s}};
+  j.update(bench_result_json(r));
   if (as_json) {
     std::cout << j.dump() << "\n";
     return 0;
@@ -377,8 +441,16 @@ int main(int argc, char** argv) {
   int bench_threads = 0;
   bool bench_json = false;
   sparsa::BenchOptions bopt;
+  std::string bench_shape, bench_formats = "bf16,int4g128,sparse50-int4g128,sparse70-int4g128,"
+                                            "2of4-int4g128,palette3";
   auto* bench = app.add_subcommand("bench", "prefill and decode speed against the bandwidth bound");
-  bench->add_option("model", bench_model, "model directory")->required();
+  bench->add_option("model", bench_model, "model directory (or --shape)");
+  bench->add_option("--shape", bench_shape,
+                    "random weights of a known shape (tinyllama-1.1b, ...) in each of --formats");
+  bench->add_option("--formats", bench_formats,
+                    "with --shape: comma-separated formats (bf16, int4g128, sparse50-int4g128, "
+                    "2of4-int4g128, palette3, ...)")
+      ->capture_default_str();
   bench->add_option("-t,--threads", bench_threads, "threads (default: all cores)");
   bench->add_option("--prompt-tokens", bopt.prompt_tokens)->capture_default_str();
   bench->add_option("--decode-tokens", bopt.decode_tokens)->capture_default_str();
@@ -418,6 +490,7 @@ int main(int argc, char** argv) {
 #ifdef SPARSA_HAVE_SERVER
   add_serve_command(app);
 #endif
+  add_finetune_command(app);
 
   try {
     app.parse(argc, argv);
@@ -430,7 +503,15 @@ int main(int argc, char** argv) {
     if (*ev) return cmd_eval(eval_model, eval_data, ctx, eval_threads, max_windows, eval_json);
     if (*insp) return cmd_inspect(insp_model, insp_json);
     bopt.bandwidth_bytes = bw_mb << 20;
-    if (*bench) return cmd_bench(bench_model, bench_threads, bopt, bench_json);
+    if (*bench && !bench_shape.empty()) {
+      SPARSA_CHECK(bench_model.empty(), "bench: give a model directory or --shape, not both");
+      if (bench->count("--prompt-tokens") == 0) bopt.prompt_tokens = 512;
+      return cmd_bench_formats(bench_shape, bench_formats, bench_threads, bopt, bench_json);
+    }
+    if (*bench) {
+      SPARSA_CHECK(!bench_model.empty(), "bench: give a model directory or --shape NAME");
+      return cmd_bench(bench_model, bench_threads, bopt, bench_json);
+    }
     if (*init) return cmd_init_random(ia);
     if (*comp) return cmd_compress(ca);
   } catch (const sparsa::Error& e) {

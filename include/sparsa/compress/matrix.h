@@ -41,10 +41,10 @@ class InputStats {
   InputStats() = default;
   explicit InputStats(int64_t cols, bool with_hessian = true);
 
-  /// x: [n_tokens, cols] with row stride ld (>= cols). XᵀX is formed by the f32 GEMM kernel in
-  /// blocks of kBlock tokens and summed across blocks in f64.
+  /// x: [n_tokens, cols] with row stride ld (>= cols). XᵀX (its upper triangle) is formed by f32
+  /// GEMMs over blocks of kBlock tokens and summed across blocks in f64.
   void accumulate(const float* x, int64_t n_tokens, int64_t ld, ThreadPool& pool);
-  static constexpr int64_t kBlock = 256;
+  static constexpr int64_t kBlock = 1024;
 
   int64_t cols() const { return cols_; }
   int64_t tokens() const { return tokens_; }
@@ -55,6 +55,7 @@ class InputStats {
   void drop_hessian() {
     std::vector<double>().swap(xtx_);
     std::vector<float>().swap(pending_);
+    std::vector<float>().swap(panel_);
     n_pending_ = 0;
   }
   /// Σ_t x_tj² per column (the squared L2 norm Wanda uses).
@@ -68,8 +69,9 @@ class InputStats {
   int64_t cols_ = 0;
   int64_t tokens_ = 0;
   void flush(ThreadPool& pool);
-  std::vector<double> xtx_;      // [cols, cols]
+  std::vector<double> xtx_;      // [cols, cols], upper triangle (j >= i) accumulated
   std::vector<float> pending_;   // [cols, kBlock]: the tokens not yet in xtx_, transposed
+  std::vector<float> panel_;     // [cols, 256]: one column panel of a block's XᵀX
   int64_t n_pending_ = 0;
   std::vector<double> sq_, abs_;
   std::vector<float> min_, max_;

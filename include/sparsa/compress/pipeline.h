@@ -37,8 +37,8 @@ struct CompressOptions {
 /// One linear layer's outcome.
 struct LinearReport {
   std::string name;  // e.g. model.layers.3.mlp.down_proj
-  int64_t rows = 0, cols = 0;
-  double sparsity = 0;         // fraction of exact zeros
+  int64_t rows = 0, cols = 0;  // the dense shape (structured pruning stores fewer rows or cols)
+  double sparsity = 0;         // fraction of exact zeros, structurally removed weights included
   double bits_per_weight = 0;  // bytes on disk * 8 / (rows * cols)
   size_t bytes = 0;            // bytes on disk of all its tensors
   double relative_error = 0;   // ‖WX − ŴX‖² / ‖WX‖² over the calibration inputs

@@ -30,7 +30,7 @@
 // The file format
 // - Top level: `calibration` (optional: `samples`, `seq_len`) and one or more stages, keys ending
 //   in "stage" (`oneshot_stage`, `DEFAULT_stage`). A stage holds modifier groups, keys ending in
-//   "modifiers" (`pruning_modifiers`), and optionally `run_type: oneshot`; a group maps modifier
+//   "modifiers" (`pruning_modifiers`), and optionally `run_type: oneshot | finetune`; a group maps modifier
 //   names to their arguments. Stage, group and modifier order is kept. Calibration defaults are
 //   the peer protocol's (128 windows of 512 tokens from data/train.jsonl, layer-sequential).
 // - Every modifier takes `targets` (default ["Linear"]) and `ignore` (default []); see matches().
@@ -50,8 +50,12 @@
 //          ratio, outliers > m × mean); llm-compressor's `sparsity_profile: owl`, `owl_lmbda`,
 //          `owl_m` are read too. Unstructured only.
 //   StructuredPruningModifier head_sparsity, mlp_sparsity (0) in [0,1), at least one > 0: the
-//                             fraction of attention heads / MLP intermediate channels removed;
-//                             importance: activation (default) | magnitude
+//                             fraction of attention heads (removed in whole GQA groups, the same
+//                             number in every layer) / MLP intermediate channels removed;
+//                             importance: activation (default, |W|·‖X‖) | fluctuation (FLAP) |
+//                             magnitude; bias_compensation (false): FLAP's mean-contribution bias
+//                             on o_proj / down_proj (llama only). See structured.h. It must be
+//                             the recipe's first modifier and cover every layer.
 //   QuantizationModifier      scheme | config_groups — round to nearest (RTN)
 //   GPTQModifier              scheme | config_groups, block_size (128), dampening_frac (0.01),
 //                             actorder (also inside the scheme)
@@ -68,6 +72,16 @@
 //                             rank_fraction (of min(rows, cols)), param_fraction (rank chosen so
 //                             U and V hold this fraction of W's parameters), energy (fraction of
 //                             the squared singular values kept); each in (0, 1]
+//
+// Fine-tuning stages (`run_type: finetune`, at most one per recipe) take a `training` map (see
+// TrainingArgs: lr, min_lr_ratio, warmup_steps, steps | max_tokens, batch_size, seq_len,
+// grad_accum, weight_decay, beta1, beta2, eps, clip, seed, checkpoint_every, eval_every,
+// eval_windows) and these modifiers, which only they may hold:
+//   ConstantMaskModifier      (no arguments) — the targets' zeros stay zero
+//   GradualPruningModifier    init_sparsity (0) <= final_sparsity (required) < 1, start_step (0)
+//                             <= end_step (required), update_frequency (1) — cubic schedule
+//   DistillationModifier      ce (1), kl (0), squarehead (0) >= 0, not all 0; temperature (1) > 0
+//                             (one per stage)
 //
 // A scheme is, in one of three spellings:
 //   scheme: {bits: 4, group_size: 128, symmetric: false, actorder: false}
@@ -147,12 +161,13 @@ struct SparseGPTArgs {
   bool operator==(const SparseGPTArgs&) const = default;
 };
 
-enum class Importance : uint8_t { kActivation, kMagnitude };
+enum class Importance : uint8_t { kActivation, kMagnitude, kFluctuation };
 
 struct StructuredPruningArgs {
   double head_sparsity = 0.0;
   double mlp_sparsity = 0.0;
   Importance importance = Importance::kActivation;
+  bool bias_compensation = false;
   bool operator==(const StructuredPruningArgs&) const = default;
 };
 
@@ -213,10 +228,41 @@ struct LowRankArgs {
   bool operator==(const LowRankArgs&) const = default;
 };
 
+// ---- fine-tuning (stages with `run_type: finetune`; run by sparsa/train/finetune.h) ----------
+
+/// ConstantMaskModifier: the targets' zero weights stay exactly zero while training (the mask is
+/// the student's nonzero pattern, fixed).
+struct ConstantMaskArgs {
+  bool operator==(const ConstantMaskArgs&) const = default;
+};
+
+/// GradualPruningModifier: magnitude pruning on the cubic schedule of Zhu & Gupta 2017 ("To
+/// prune, or not to prune"): at steps start_step, start_step + update_frequency, ... up to
+/// end_step each target is pruned to s_t = s_f + (s_0 − s_f)(1 − (t − start)/(end − start))³.
+struct GradualPruningArgs {
+  double init_sparsity = 0.0;   // s_0
+  double final_sparsity = 0.5;  // s_f
+  int64_t start_step = 0;
+  int64_t end_step = 0;
+  int64_t update_frequency = 1;
+  bool operator==(const GradualPruningArgs&) const = default;
+};
+
+/// DistillationModifier: the loss is ce · CE(next token) + kl · T²·KL(teacher ‖ student at T) +
+/// squarehead · Σ_layers MSE(student, teacher) / MSE(teacher, 0) over block outputs.
+struct DistillationArgs {
+  double ce = 1.0;
+  double kl = 0.0;
+  double squarehead = 0.0;
+  double temperature = 1.0;
+  bool operator==(const DistillationArgs&) const = default;
+};
+
 /// The variant's alternatives are in the order of ModifierType.
 using ModifierArgs = std::variant<MagnitudePruningArgs, WandaPruningArgs, SparseGPTArgs,
                                   StructuredPruningArgs, QuantizationArgs, GPTQArgs, AWQArgs,
-                                  SmoothQuantArgs, PalettizationArgs, LowRankArgs>;
+                                  SmoothQuantArgs, PalettizationArgs, LowRankArgs,
+                                  ConstantMaskArgs, GradualPruningArgs, DistillationArgs>;
 
 enum class ModifierType : uint8_t {
   kMagnitudePruning,
@@ -229,7 +275,14 @@ enum class ModifierType : uint8_t {
   kSmoothQuant,
   kPalettization,
   kLowRank,
+  kConstantMask,
+  kGradualPruning,
+  kDistillation,
 };
+
+/// Whether a modifier belongs in a fine-tuning stage (ConstantMask, GradualPruning,
+/// Distillation) rather than a one-shot one.
+bool is_finetune_modifier(ModifierType t);
 
 /// "SparseGPTModifier", ...
 std::string_view modifier_name(ModifierType t);
@@ -248,9 +301,35 @@ struct Modifier {
   bool operator==(const Modifier&) const = default;
 };
 
+/// The training arguments of a fine-tuning stage (`training:` in the stage).
+struct TrainingArgs {
+  double lr = 1e-4;             // peak learning rate
+  double min_lr_ratio = 0.0;    // the cosine decays to lr · min_lr_ratio
+  int64_t warmup_steps = 0;     // linear warmup from 0
+  int64_t steps = 0;            // optimizer steps; 0: from max_tokens
+  int64_t max_tokens = 0;       // training tokens; 0: from steps
+  int64_t batch_size = 8;       // sequences per micro-batch
+  int64_t seq_len = 256;        // tokens per sequence
+  int64_t grad_accum = 1;       // micro-batches per optimizer step
+  double weight_decay = 0.0;    // AdamW, decoupled; matrices only
+  double beta1 = 0.9;
+  double beta2 = 0.95;
+  double eps = 1e-8;
+  double clip = 1.0;            // global gradient-norm clip; 0: off
+  int64_t seed = 0;             // data order
+  int64_t checkpoint_every = 0; // steps; 0: none
+  int64_t eval_every = 0;       // steps between validation losses; 0: at the end only
+  int64_t eval_windows = 8;     // validation sequences
+  bool operator==(const TrainingArgs&) const = default;
+};
+
+enum class RunType : uint8_t { kOneshot, kFinetune };
+
 struct Stage {
   std::string name = {};  // e.g. "oneshot_stage"
   std::vector<Modifier> modifiers = {};
+  RunType run_type = RunType::kOneshot;  // `run_type: finetune` holds only fine-tuning modifiers
+  TrainingArgs training = {};            // finetune stages
   bool operator==(const Stage&) const = default;
 };
 
@@ -272,6 +351,8 @@ struct Recipe {
   std::string to_yaml() const;
   /// All modifiers, stage by stage, in order.
   std::vector<const Modifier*> modifiers() const;
+  /// The fine-tuning stage (a recipe holds at most one), or nullptr.
+  const Stage* finetune_stage() const;
 
   bool operator==(const Recipe& o) const {
     return calibration == o.calibration && stages == o.stages;

@@ -85,6 +85,11 @@ struct PackedView {
   // Codec::Palette: rows r share table r / group_rows; lut is [n_row_groups, 2^bits].
   int64_t group_rows = 0;
   const float* lut = nullptr;
+  // Codec::Palette of 2..6 bits, for the int8-input kernels: each table as 16-bit integers
+  // Q_j = round(lut_j / lut_qscale[table]), |Q_j| <= 32767, split into two 64-entry byte planes
+  // [n_row_groups][2][64]: plane 0 holds (Q_j >> 8) + 128, plane 1 holds Q_j & 255.
+  const uint8_t* lut_q = nullptr;
+  const float* lut_qscale = nullptr;
   // Codec::Float with Positions::All: the row-major [rows, cols] matrix of `dtype`.
   const void* dense = nullptr;
   // Act-order (GPTQ desc_act) weights are stored with their columns sorted by group: stored

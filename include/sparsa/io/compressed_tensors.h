@@ -86,6 +86,7 @@
 #include <vector>
 
 #include "sparsa/core/dtype.h"
+#include "sparsa/io/safetensors.h"  // TensorView
 
 namespace sparsa::io {
 
@@ -281,6 +282,48 @@ bool is_compressed_weight(const Checkpoint& ck, const std::string& module);
 /// `config`; errors name the tensor and what is wrong.
 DecodedWeight decode_weight(const Checkpoint& ck, const std::string& module, int64_t rows,
                             int64_t cols, const CompressionConfig& config);
+
+/// The stored parts of one linear weight, validated against [rows, cols] and the config but not
+/// decoded: what decode_weight() dequantizes and what the runtime's packed layouts
+/// (sparsa/formats/packed_weight.h) are built from without going through f32.
+struct StoredWeight {
+  enum class Kind : uint8_t {
+    kDense,            // a plain float `weight` (`tensor`)
+    kPackQuantized,    // codes, scales, zeros, g_idx
+    kIntQuantized,     // int8 per output channel: codes = q + 128, zeros = 128, n_groups = 1
+    kSparseBitmask,    // values (dense, raw in `dtype`) and keep
+    kSparse24Bitmask,  // the same, 2 of every 4 columns
+    kPalettized,       // codes (indices), lut, group_rows
+    kLowRank,          // u [rows, rank], v [rank, cols]
+  };
+  Kind kind = Kind::kDense;
+  std::string format;             // as DecodedWeight::format
+  int input_activation_bits = 0;  // 8: the layer expects dynamically int8-quantized inputs
+  int64_t rows = 0, cols = 0;
+  int bits = 0;                   // quantized: code bits; palettized: log2(table size)
+  std::vector<uint8_t> codes;     // [rows, cols] unsigned codes or palette indices
+  // Quantized: w[r, c] = scales[r, g] · (codes[r, c] − zeros[r, g]) with g = g_idx[c].
+  int64_t n_groups = 0;
+  std::vector<float> scales;    // [rows, n_groups]
+  std::vector<uint8_t> zeros;   // [rows, n_groups]
+  std::vector<int32_t> g_idx;   // [cols]
+  bool act_order = false;       // g_idx was stored (weight_g_idx), not c / group_size
+  // Sparse: the decompressed matrix and which positions were stored.
+  DType dtype = DType::F32;
+  std::vector<uint8_t> values;  // [rows, cols] raw values in `dtype`
+  std::vector<uint8_t> keep;    // [rows, cols], 1 = stored in the bitmask
+  // Palettized: w[r, c] = lut[(r / group_rows) · 2^bits + codes[r, c]].
+  std::vector<float> lut;       // [n_palettes, 2^bits]
+  int64_t group_rows = 0;
+  // Dense: the tensor itself; low-rank: the two factors (float tensors, memory-mapped).
+  TensorView tensor, u, v;
+};
+
+/// Reads `module`'s weight parts with the checks of decode_weight().
+StoredWeight read_stored_weight(const Checkpoint& ck, const std::string& module, int64_t rows,
+                                int64_t cols, const CompressionConfig& config);
+/// The weight as f32 [rows, cols], with decode_weight()'s arithmetic.
+std::vector<float> dequantize_stored_weight(const StoredWeight& s);
 
 /// W = U V for U [rows, rank] and V [rank, cols], accumulated in f32 over k in order (the one
 /// definition both the low-rank pass and the loader use).

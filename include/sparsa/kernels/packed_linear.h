@@ -1,17 +1,25 @@
 // Linear layers y = x Wᵀ over packed (compressed) weights: sparsa/formats/packed_weight.h.
 // The kernel of each (format, ISA) is picked at run time; every path is tested against the
-// scalar PackedWeight::dequantize_to. Activations stay f32 throughout: the weights are expanded
-// to f32 in registers (through 16-entry tables for codes of 2..4 bits), never the inputs rounded.
+// scalar PackedWeight::dequantize_to.
 //
 //   formats::PackedWeight w = formats::pack_quantized(q);
 //   kernels::linear(w, x, cols, n_tokens, y, rows, pool);   // y: [n_tokens, rows]
 //
 // Decode (n_tokens <= 8) streams the packed weight once, rows split across threads in chunks of
-// 16 rows. Prefill dequantizes panels of rows to f32 and runs the dense blocked GEMM on them.
+// 16 rows. Its input is read in one of two ways (DecodeInput):
+//   Int8  each token's input is quantized once per call, per 64 stored columns: s = max|x| / 127,
+//         q = round-to-nearest-even(x / s) in [-127, 127] (the Q8 blocks of llama.cpp). The
+//         integer codes multiply q with int8 dot products (AVX-512 VNNI) and each block's sum is
+//         scaled once; palettes use their tables as 16-bit integers (PackedView::lut_q). The
+//         error is that of rounding x: |Δy| <= Σ_k |W[r, k]| · s_block(k) / 2.
+//   F32   the weights are expanded to f32 in registers and multiply x as it is (the reference;
+//         formats and CPUs without an int8 kernel always run it).
+// Prefill dequantizes panels of rows to f32 and runs the dense blocked GEMM on them (f32 input).
 // Dense weights (formats::pack_dense) run the dense kernels of sparsa/kernels/linear.h exactly.
 #pragma once
 
 #include <cstdint>
+#include <string_view>
 
 #include "sparsa/core/cpu.h"
 #include "sparsa/core/thread_pool.h"
@@ -24,9 +32,26 @@ void linear(const formats::PackedWeight& w, const float* x, int64_t ldx, int64_t
             float* y, int64_t ldy, ThreadPool& pool);
 
 /// The same with an explicit ISA (tests, benchmarks). Isa::Avx512 needs VBMI2 for its packed
-/// kernels; on AVX-512 CPUs without it (Skylake-X) the AVX2 packed kernels run.
+/// kernels; on AVX-512 CPUs without it (Skylake-X) the AVX2 packed kernels run. The int8-input
+/// decode kernels need VNNI and VBMI as well.
 void linear_isa(Isa isa, const formats::PackedWeight& w, const float* x, int64_t ldx,
                 int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool);
+
+/// How decode reads its input (see the top of this file).
+enum class DecodeInput { Int8, F32 };
+/// The input coding of linear(), linear_many() and linear_isa() without one: Int8, unless
+/// SPARSA_DECODE_INPUT=f32 is set (read once) or set_decode_input() changed it.
+DecodeInput decode_input();
+void set_decode_input(DecodeInput input);
+/// Parses "int8" or "f32"; throws sparsa::Error on anything else.
+DecodeInput parse_decode_input(std::string_view name);
+/// Whether decoding w on isa with DecodeInput::Int8 quantizes the input (an int8 kernel exists
+/// for this format and CPU); otherwise the f32 kernels run.
+bool decode_quantizes_input(const formats::PackedWeight& w, Isa isa);
+
+/// linear_isa() with an explicit decode input coding.
+void linear_isa(Isa isa, DecodeInput input, const formats::PackedWeight& w, const float* x,
+                int64_t ldx, int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool);
 
 /// One output of linear_many(): y = x Wᵀ with its own weight and output buffer.
 struct PackedLinearOutput {

@@ -7,6 +7,12 @@
 //   std::vector<float> logits(model->config().vocab_size);
 //   model->forward(ids, cache, logits.data(), /*all_logits=*/false, pool);   // prefill
 //   model->forward({next_id}, cache, logits.data(), false, pool);            // one decode step
+//
+// Every linear layer runs through kernels::linear on a formats::PackedWeight: float weights are
+// referenced in the memory-mapped checkpoint as they are (no copy), compressed ones
+// (pack-quantized, int-quantized, sparse-bitmask, sparse-24-bitmask, palettized, low-rank) are
+// converted once at load into the layout their kernel streams. The reference path
+// (LinearPath::kReference, or SPARSA_REFERENCE_LINEAR=1) decodes them to f32 instead.
 #pragma once
 
 #include <cstdint>
@@ -17,6 +23,7 @@
 #include <vector>
 
 #include "sparsa/core/thread_pool.h"
+#include "sparsa/formats/packed_weight.h"
 #include "sparsa/io/compressed_tensors.h"
 #include "sparsa/io/model_config.h"
 #include "sparsa/io/safetensors.h"
@@ -47,10 +54,32 @@ class KvCache {
   std::vector<std::vector<float>> k_, v_;
 };
 
+/// How Model::load runs the linear layers.
+enum class LinearPath : uint8_t {
+  /// Each weight in its packed layout (formats::PackedWeight), run by its format's kernels.
+  kPacked,
+  /// Compressed weights decoded to f32 (io::decode_weight) and run by the dense f32 kernel: the
+  /// reference the packed path is tested against. Float weights are the same on both paths.
+  kReference,
+};
+
+struct LoadOptions {
+  /// kPacked unless the environment sets SPARSA_REFERENCE_LINEAR=1 (then kReference).
+  LinearPath linear = LinearPath::kPacked;
+};
+
 /// A linear layer: y = x Wᵀ + b.
 struct Linear {
   std::string name;  // tensor name of the weight (or module name when stored compressed)
+  /// The weight as a dense float matrix where there is one: a memory-mapped float tensor, or the
+  /// decoded f32 weights (reference path; formats without a packed layout). Empty (data null)
+  /// for a weight that exists only packed.
   kernels::DenseWeight weight;
+  /// What the forward pass runs (for a low-rank weight W = U V: U [rows, rank]). Null: `weight`
+  /// is run as it is (layers assembled by hand, e.g. by the compression pipeline).
+  std::shared_ptr<const formats::PackedWeight> packed;
+  /// Low-rank weights only: V [rank, cols], applied first (y = (x Vᵀ) Uᵀ).
+  std::shared_ptr<const formats::PackedWeight> packed_v;
   std::vector<float> bias;  // empty when none
   /// 8: the input is quantized to int8 per token (symmetric, max|x| / 127) before the product,
   /// as W8A8 (SmoothQuant) layers run; 0: f32 input.
@@ -59,9 +88,37 @@ struct Linear {
   std::string format = "dense";
   /// Decoded weights this layer owns (compressed checkpoints); `weight` points into them.
   std::shared_ptr<const std::vector<float>> owned;
-  /// Bytes this layer's weight occupies on disk (what a kernel for its format would read).
+  /// Bytes this layer's weight occupies on disk.
   size_t stored_bytes = 0;
+
+  int64_t rows() const;
+  int64_t cols() const;
+  /// Bytes one decode step reads: the packed weight(s) (else the dense matrix) and the bias.
+  size_t bytes_per_token() const;
+  /// The layout the forward pass runs: "bf16", "int4g128", "sparse-bf16", "u[64]bf16·v[64]bf16"...
+  std::string describe() const;
 };
+
+/// Scratch buffers of linear_forward(), grown on demand and reused.
+struct LinearScratch {
+  std::vector<float> xq;        // W8A8 layers: the int8-quantized input [n, cols]
+  std::vector<float> low_rank;  // low-rank layers: x Vᵀ [n, rank]
+};
+
+/// y = x Wᵀ (no bias) for n rows of x through kernels::linear on the layer's packed weight(s),
+/// after quantizing x to int8 per token when l.input_bits == 8.
+void linear_forward(const Linear& l, const float* x, int64_t ldx, int64_t n, float* y, int64_t ldy,
+                    LinearScratch& scratch, ThreadPool& pool);
+
+/// Several linear layers over the same input (q/k/v, gate/up): kernels::linear_many when every
+/// one is a single packed weight, else linear_forward() one by one. Biases are not added.
+struct LinearTarget {
+  const Linear* linear = nullptr;
+  float* y = nullptr;
+  int64_t ldy = 0;
+};
+void linear_forward_many(const LinearTarget* targets, int count, const float* x, int64_t ldx,
+                         int64_t n, LinearScratch& scratch, ThreadPool& pool);
 
 struct Block {
   std::vector<float> attn_norm, mlp_norm;  // [hidden]
@@ -76,7 +133,8 @@ using LinearInputHook =
 /// Activations of one block over a chunk of tokens; grown on demand, reused across calls.
 struct BlockWorkspace {
   int64_t tokens = 0;
-  std::vector<float> xn, q, attn, gate, up, cos, sin, xq;
+  std::vector<float> xn, q, attn, gate, up, cos, sin;
+  LinearScratch linear;
   void reserve(const io::ModelConfig& config, int64_t n_tokens);
 };
 
@@ -86,8 +144,8 @@ struct BlockWorkspace {
 /// 0 .. pos0 - 1. `hook` (may be empty) sees every linear layer's input.
 void block_forward(const io::ModelConfig& config, const Block& block, int64_t layer,
                    const std::vector<float>& rope_inv_freq, float* x, int64_t n, int64_t pos0,
-                   float* k_cache, float* v_cache, BlockWorkspace& ws,
-                   const LinearInputHook& hook, ThreadPool& pool);
+                   float* k_cache, float* v_cache, BlockWorkspace& ws, const LinearInputHook& hook,
+                   ThreadPool& pool);
 
 /// Rotary embedding (rotate-half, as HF Llama) of `heads` heads of width hd in each of n rows of
 /// x (row stride ld); cos, sin: [n, hd / 2].
@@ -106,9 +164,16 @@ void rms_norm(const float* x, const float* w, float eps, int64_t n, int64_t dim,
 
 class Model {
  public:
-  /// Loads DIR (config.json + safetensors). Weights stay in the mmapped files; only norms and
-  /// biases are converted to f32. Throws sparsa::Error on any missing or ill-shaped tensor.
-  static std::unique_ptr<Model> load(const std::string& dir);
+  /// Loads DIR (config.json + safetensors). Float weights stay in the mmapped files; compressed
+  /// ones are packed (or, on the reference path, decoded to f32); norms and biases are converted
+  /// to f32. Throws sparsa::Error on any missing or ill-shaped tensor.
+  static std::unique_ptr<Model> load(const std::string& dir, LoadOptions options = {});
+  /// A model over weights built in memory (benchmarks of random weights in any packed format).
+  /// The embedding's data and every Linear's dense `weight` must stay valid as long as `storage`
+  /// lives; the model keeps it.
+  static std::unique_ptr<Model> from_parts(io::ModelConfig config, io::TensorView embedding,
+                                           std::vector<Block> blocks, std::vector<float> final_norm,
+                                           Linear lm_head, std::shared_ptr<const void> storage);
 
   const io::ModelConfig& config() const { return config_; }
   const io::Checkpoint& checkpoint() const { return checkpoint_; }
@@ -119,8 +184,10 @@ class Model {
   const io::TensorView& embedding() const { return embed_; }
   const std::vector<float>& final_norm() const { return final_norm_; }
   const std::vector<float>& rope_inv_freq() const { return rope_inv_freq_; }
-  /// Bytes of weights one decode step reads: every linear layer, lm_head, one embedding row.
+  /// Bytes of weights one decode step reads: every linear layer as packed (Linear::
+  /// bytes_per_token), lm_head, one embedding row.
   size_t weight_bytes_per_token() const;
+  LinearPath linear_path() const { return linear_path_; }
 
   /// Runs `tokens` at positions cache.size() ... and appends their keys and values to `cache`.
   /// logits: [vocab] for the last token, or [tokens.size(), vocab] when `all_logits`.
@@ -143,6 +210,8 @@ class Model {
   Linear lm_head_;
   std::vector<float> rope_inv_freq_;  // [head_dim / 2]
   LinearInputHook hook_;
+  LinearPath linear_path_ = LinearPath::kPacked;
+  std::shared_ptr<const void> storage_;  // from_parts(): what the weights point into
 
   // Activations of one chunk; grown once, reused by every call (no allocation while decoding).
   std::vector<float> x_;

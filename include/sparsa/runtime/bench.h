@@ -7,10 +7,19 @@
 // both are medians.
 //
 //   sparsa::BenchResult r = sparsa::run_bench(model, pool, {});
+//
+// Formats compared on one model shape, each built data-free from random weights in memory, one
+// at a time (sparsa bench --shape tinyllama-1.1b --formats bf16,int4g128,2of4-int4g128):
+//
+//   auto results = sparsa::run_format_bench(sparsa::model::named_shape("tinyllama-1.1b"),
+//                                           {"bf16", "int4g128"}, pool, opt);
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <memory>
 #include <string>
+#include <vector>
 
 #include "sparsa/core/thread_pool.h"
 #include "sparsa/model/llama.h"
@@ -20,7 +29,7 @@ namespace sparsa {
 struct BenchOptions {
   int64_t prompt_tokens = 128;
   int64_t decode_tokens = 32;
-  int repetitions = 3;  // prefill repetitions; the median is reported
+  int repetitions = 3;                         // prefill repetitions; the median is reported
   size_t bandwidth_bytes = size_t{256} << 20;  // probe buffer: 8x a 32 MiB L3
   uint64_t seed = 1;
 };
@@ -41,5 +50,54 @@ struct BenchResult {
 };
 
 BenchResult run_bench(model::Model& model, ThreadPool& pool, const BenchOptions& options);
+
+/// A weight format of the random-model benchmark, by name:
+///   bf16 | f16 | f32                    dense
+///   int<b>g<G> | int<b>                 round-to-nearest, b in 2..8, groups of G input columns
+///                                       or one scale per output channel (asymmetric)
+///   palette<b>                          k-means on the unique bf16 values, one table per matrix
+///   sparse<P>-<values>                  P% of each matrix pruned by magnitude, values bf16,
+///                                       int<b>[g<G>] (quantized after pruning) or palette<b>
+///   <n>of<m>-<values>                   n kept of every m input columns (2of4: 2:4), by magnitude
+/// Every format except the dense ones runs lm_head in int8 per output channel (symmetric RTN);
+/// the dense ones keep lm_head in their own dtype.
+struct BenchFormat {
+  enum class Values : uint8_t { kDense, kInt, kPalette };
+  std::string name;
+  Values values = Values::kDense;
+  DType dtype = DType::BF16;  // kDense
+  int bits = 0;               // kInt, kPalette
+  int64_t group_size = 0;     // kInt: 0 = per output channel
+  double sparsity = 0.0;      // unstructured magnitude pruning
+  int nm_keep = 0, nm_m = 0;  // N:M pruning: nm_keep of every nm_m kept
+};
+
+/// Parses a format name; throws sparsa::Error naming it and the accepted forms.
+BenchFormat parse_bench_format(const std::string& name);
+
+/// A model of `config`'s shape with random N(0, 0.02) bf16 weights (norms 1, biases 0) converted
+/// to `format` and packed (formats::PackedWeight), built in memory with the pool's threads.
+std::unique_ptr<model::Model> build_random_model(const io::ModelConfig& config,
+                                                 const BenchFormat& format, uint64_t seed,
+                                                 ThreadPool& pool);
+
+struct FormatBenchResult {
+  std::string format;
+  std::string layout;  // the packed layout of one MLP weight, e.g. "sparse2:4-int4g128"
+  double build_seconds = 0;
+  BenchResult bench;
+  /// decode tokens/s over int4g128's, and prefill tokens/s over bf16's, in the same run;
+  /// NaN when that format is not in the list.
+  double decode_speedup_vs_int4g128 = 0;
+  double prefill_fraction_of_bf16 = 0;
+};
+
+/// Builds, benchmarks (run_bench) and frees each format in turn. Every name is parsed first, so a
+/// bad one fails before anything is built. `on_result` (may be empty) sees each result as it
+/// comes, before the ratios are known.
+std::vector<FormatBenchResult> run_format_bench(
+    const io::ModelConfig& config, const std::vector<std::string>& formats, ThreadPool& pool,
+    const BenchOptions& options,
+    const std::function<void(const FormatBenchResult&)>& on_result = {});
 
 }  // namespace sparsa

@@ -115,6 +115,7 @@ class Scheduler {
   struct Sequence;
   void loop();
   void validate(const SequenceParams& p) const;
+  static int32_t sample_token(Sequence& s, int64_t vocab, TokenInfo& info);
   void finish(Sequence& s, std::string reason, std::string error,
               std::vector<std::pair<SequenceCallbacks, SequenceEnd>>& ends);
 

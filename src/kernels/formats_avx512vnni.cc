@@ -1,0 +1,403 @@
+// The int8-activation decode kernels (AVX-512 F/BW/DQ/VL + VBMI, VBMI2, VNNI): the input is
+// quantized once per call to int8 with one scale per 64 stored columns (quantize_input), and the
+// weight codes, as unsigned bytes, multiply it with vpdpbusd (u8 × s8, four products summed into
+// each 32-bit lane), as llama.cpp's Q8 dot products do. Every weight byte is unpacked with a few
+// shifts and ands, never widened to f32, so that the loop keeps up with memory.
+//
+//   Int codes      y = Σ_g scale_g · (Σ_{b ∈ g} s_b · Σ code·q  −  zero_g · Σ_{b ∈ g} s_b · Σ q):
+//                  the zero point is subtracted once per group through the input's block sums.
+//   Palettes       each table is held as 16-bit integers Q_j ≈ lut_j / qscale split into two byte
+//                  planes (PackedView::lut_q), looked up with vpermb; Σ Q·q = 256 · Σ hi·q +
+//                  Σ lo·q − 32768 · Σ q, hi = (Q >> 8) + 128 unsigned.
+//   Bitmask        the block's kept codes (nibbles unpacked first) move to their columns with
+//                  vpexpandb; pruned columns take the zero point (Int) or table entry 0 (Palette).
+// One block's integer dot products are converted to f32 with its input scale s_b: a block of 64
+// u8 × s8 products summed in 16 lanes cannot overflow 32 bits.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+
+#include <algorithm>
+#include <bit>
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/kernels_internal.h"
+#include "sparsa/formats/packed_weight.h"
+
+namespace sparsa::kernels::avx512vnni {
+namespace {
+
+using formats::Codec;
+using formats::kBlockCols;
+using formats::PackedView;
+using formats::Positions;
+
+inline uint64_t load_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+inline __mmask16 mask16(int64_t n) {
+  return _cvtu32_mask16(n >= 16 ? 0xffffu : static_cast<uint32_t>((1u << n) - 1u));
+}
+inline __mmask64 mask64(int n) {
+  return _cvtu64_mask64(n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1u);
+}
+
+// Reads the codes of one row block by block as 64 unsigned bytes in column order. SB: stored
+// bits per code of Positions::All (2, 3, 4, 8), or of the compact kept values of Bitmask (4:
+// nibbles, 8: bytes). Pruned columns of a Bitmask row take `fill`; `keep` is the block's mask.
+template <int SB, bool kSparse>
+class CodeReader {
+ public:
+  CodeReader(const PackedView& p, int64_t r) {
+    if constexpr (!kSparse) {
+      cur_ = p.codes + r * p.row_bytes;
+    } else {
+      masks_ = p.codes + p.row_offsets[r];
+      cur_ = masks_ + p.n_blocks * 8;
+    }
+  }
+
+  __m512i block(int64_t b, __m512i fill, __mmask64& keep) {
+    if constexpr (!kSparse) {
+      keep = _cvtu64_mask64(~uint64_t{0});
+      const uint8_t* blk = cur_ + b * 8 * SB;
+      if constexpr (SB == 8) {
+        return _mm512_loadu_si512(blk);
+      } else if constexpr (SB == 4) {  // byte i = code[i] | code[i + 32] << 4
+        __m512i v = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(blk)));
+        v = _mm512_mask_srli_epi16(v, _cvtu32_mask32(0xffff0000u), v, 4);
+        return _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
+      } else {  // byte i = lo[i] | lo[i+16] << 2 | lo[i+32] << 4 | lo[i+48] << 6; bit plane
+        __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
+        v = _mm512_srlv_epi16(v, _mm512_set_epi64(0x0006000600060006, 0x0006000600060006,
+                                                   0x0004000400040004, 0x0004000400040004,
+                                                   0x0002000200020002, 0x0002000200020002, 0, 0));
+        v = _mm512_and_si512(v, _mm512_set1_epi8(3));
+        if constexpr (SB == 3)  // bit 2 of code i is bit i of the plane
+          v = _mm512_mask_add_epi8(v, _cvtu64_mask64(load_u64(blk + 16)), v, _mm512_set1_epi8(4));
+        return v;
+      }
+    } else {
+      const uint64_t m = load_u64(masks_ + 8 * b);
+      keep = _cvtu64_mask64(m);
+      const int c = std::popcount(m);
+      __m512i compact;
+      if constexpr (SB == 4) {  // byte i = v[i] | v[i + h] << 4: low nibbles, then high ones
+        const int h = (c + 1) >> 1;
+        const __m512i bytes = _mm512_maskz_loadu_epi8(mask64(h), cur_);
+        const __m512i nib = _mm512_set1_epi8(0x0f);
+        const __m512i lo = _mm512_and_si512(bytes, nib);
+        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nib);
+        compact = _mm512_mask_expand_epi8(lo, _cvtu64_mask64(_cvtmask64_u64(mask64(h)) << h), hi);
+        cur_ += h;
+      } else {
+        compact = _mm512_maskz_loadu_epi8(mask64(c), cur_);
+        cur_ += c;
+      }
+      return _mm512_mask_expand_epi8(fill, keep, compact);
+    }
+  }
+
+ private:
+  const uint8_t* cur_ = nullptr;
+  const uint8_t* masks_ = nullptr;
+};
+
+inline __m512 block_scale(const QuantizedInput& x, int t, int64_t b) {
+  return _mm512_set1_ps(x.scale[t * x.n_blocks + b]);
+}
+inline __m512i input_block(const QuantizedInput& x, int t, int64_t b) {
+  return _mm512_load_si512(x.q + t * x.ldq + b * kBlockCols);
+}
+
+// y[t, r] = Σ lanes (acc + acc2) − Σ_g scale_g · zero_g · group_sum[t][g].
+inline void finish_int_row(const PackedView& p, const QuantizedInput& x, int64_t r, int n_tokens,
+                           const __m512* acc, const __m512* acc2, float* y, int64_t ldy) {
+  const int64_t ng = p.n_groups;
+  const float* ws = p.scales + r * ng;
+  const uint8_t* zs = p.zeros + r * ng;
+  for (int t = 0; t < n_tokens; ++t) {
+    __m512 corr = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; g += 16) {
+      const __mmask16 k = mask16(ng - g);
+      const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, zs + g)));
+      corr = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, ws + g), z),
+                             _mm512_maskz_loadu_ps(k, x.group_sum + t * ng + g), corr);
+    }
+    y[t * ldy + r] =
+        _mm512_reduce_add_ps(_mm512_sub_ps(_mm512_add_ps(acc[t], acc2[t]), corr));
+  }
+}
+
+// Group-quantized codes, one 64-column block at a time: rows [r0, r1) × T tokens. Block b's
+// integer dot product is scaled by s_b · scale_g (g: its group; one group per row when
+// n_groups = 1); the zero points are subtracted once per row through the group sums.
+template <int SB, bool kSparse, int T>
+void int_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ldy, int64_t r0,
+              int64_t r1) {
+  const int64_t nb = p.n_blocks, ng = p.n_groups;
+  const int64_t bpg = ng == 1 ? nb : p.group_size / kBlockCols;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t r = r0; r < r1; ++r) {
+    CodeReader<SB, kSparse> rd(p, r);
+    const float* ws = p.scales + r * ng;
+    const uint8_t* zs = p.zeros + r * ng;
+    // Two sums per token for one token, so that the FMA latency stays hidden.
+    __m512 acc[T], acc2[T];
+    for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
+    int64_t g = 0, left = bpg;
+    __m512i fill = kSparse ? _mm512_set1_epi8(static_cast<char>(zs[0])) : zero;
+    const auto step = [&](int64_t b, __m512 (&s)[T]) {
+      if (left == 0) {  // the next group
+        ++g;
+        left = bpg;
+        if constexpr (kSparse) fill = _mm512_set1_epi8(static_cast<char>(zs[g]));
+      }
+      --left;
+      __mmask64 keep;
+      const __m512i c = rd.block(b, fill, keep);
+      const __m512 wsv = _mm512_set1_ps(ws[g]);
+      for (int t = 0; t < T; ++t) {
+        const __m512i d = _mm512_dpbusd_epi32(zero, c, input_block(x, t, b));
+        s[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), block_scale(x, t, b)), wsv,
+                               s[t]);
+      }
+    };
+    int64_t b = 0;
+    if constexpr (T == 1) {
+      for (; b + 1 < nb; b += 2) {
+        step(b, acc);
+        step(b + 1, acc2);
+      }
+    }
+    for (; b < nb; ++b) step(b, acc);
+    finish_int_row(p, x, r, T, acc, acc2, y, ldy);
+  }
+}
+
+// Dense 4-bit codes two blocks at a time: a block's byte i holds columns i and i + 32, so 64
+// bytes of two blocks unpack into [b: 0..31, b+1: 0..31] (low nibbles) and [b: 32..63,
+// b+1: 32..63] (high nibbles), which multiply the input's pair layout (QuantizedInput::qp);
+// lanes 0..7 then sum block b and lanes 8..15 block b + 1, scaled per lane.
+template <int T, bool kSameGroup>
+void int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ldy,
+                    int64_t r0, int64_t r1) {
+  const int64_t nb = p.n_blocks, ng = p.n_groups, np = (nb + 1) / 2;
+  const int64_t bpg = ng == 1 ? nb : p.group_size / kBlockCols;
+  const __m512i zero = _mm512_setzero_si512(), nib = _mm512_set1_epi8(0x0f);
+  const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* codes = p.codes + r * p.row_bytes;
+    const float* ws = p.scales + r * ng;
+    __m512 acc[T], acc2[T];
+    for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
+    const auto step = [&](int64_t q, __m512 (&s)[T]) {
+      const __m512i v = _mm512_loadu_si512(codes + 64 * q);
+      const __m512i lo = _mm512_and_si512(v, nib);
+      const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
+      __m512 wsv;
+      if constexpr (kSameGroup) {
+        wsv = _mm512_set1_ps(ws[ng == 1 ? 0 : 2 * q / bpg]);
+      } else {  // blocks 2q and 2q + 1 in groups of their own
+        const int64_t g0 = 2 * q / bpg, g1 = std::min(ng - 1, (2 * q + 1) / bpg);
+        wsv = _mm512_permutexvar_ps(
+            halves, _mm512_castps128_ps512(_mm_setr_ps(ws[g0], ws[g1], 0.0f, 0.0f)));
+      }
+      for (int t = 0; t < T; ++t) {
+        const int8_t* xq = x.qp + t * x.ldq + 128 * q;
+        __m512i d = _mm512_dpbusd_epi32(zero, lo, _mm512_load_si512(xq));
+        d = _mm512_dpbusd_epi32(d, hi, _mm512_load_si512(xq + 64));
+        s[t] = _mm512_fmadd_ps(
+            _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_load_ps(x.pair_scale + (t * np + q) * 16)),
+            wsv, s[t]);
+      }
+    };
+    int64_t q = 0;
+    if constexpr (T == 1) {
+      for (; q + 1 < np; q += 2) {
+        step(q, acc);
+        step(q + 1, acc2);
+      }
+    }
+    for (; q < np; ++q) step(q, acc);
+    finish_int_row(p, x, r, T, acc, acc2, y, ldy);
+  }
+}
+
+// Palettes of 2..6 bits through the 16-bit byte-plane tables: rows [r0, r1) × T tokens.
+template <int SB, bool kSparse, int T>
+void palette_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ldy,
+                  int64_t r0, int64_t r1) {
+  const int64_t nb = p.n_blocks;
+  const __m512i zero = _mm512_setzero_si512();
+  const __m512i hi_zero = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t r = r0; r < r1; ++r) {
+    CodeReader<SB, kSparse> rd(p, r);
+    const int64_t tbl = r / p.group_rows;
+    const __m512i th = _mm512_load_si512(p.lut_q + tbl * 128);
+    const __m512i tl = _mm512_load_si512(p.lut_q + tbl * 128 + 64);
+    __m512 acc[T], acc2[T];
+    for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
+    const auto step = [&](int64_t blk, __m512 (&s)[T]) {
+      __mmask64 keep;
+      const __m512i c = rd.block(blk, zero, keep);
+      __m512i h, l;
+      if constexpr (kSparse) {  // pruned columns: Q = 0
+        h = _mm512_mask_permutexvar_epi8(hi_zero, keep, c, th);
+        l = _mm512_maskz_permutexvar_epi8(keep, c, tl);
+      } else {
+        h = _mm512_permutexvar_epi8(c, th);
+        l = _mm512_permutexvar_epi8(c, tl);
+      }
+      for (int t = 0; t < T; ++t) {
+        const __m512i xq = input_block(x, t, blk);
+        __m512i d = _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, h, xq), 8);
+        d = _mm512_dpbusd_epi32(d, l, xq);
+        s[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), block_scale(x, t, blk), s[t]);
+      }
+    };
+    int64_t b = 0;
+    if constexpr (T == 1) {
+      for (; b + 1 < nb; b += 2) {
+        step(b, acc);
+        step(b + 1, acc2);
+      }
+    }
+    for (; b < nb; ++b) step(b, acc);
+    const float qs = p.lut_qscale[tbl];
+    for (int t = 0; t < T; ++t)
+      y[t * ldy + r] =
+          qs * (_mm512_reduce_add_ps(_mm512_add_ps(acc[t], acc2[t])) - 32768.0f * x.group_sum[t]);
+  }
+}
+
+template <int SB, bool kSparse>
+void int_decode(const PackedView& p, const QuantizedInput& x, int64_t n_tokens, float* y,
+                int64_t ldy, int64_t r0, int64_t r1) {
+  switch (n_tokens) {
+    case 1: return int_rows<SB, kSparse, 1>(p, x, y, ldy, r0, r1);
+    case 2: return int_rows<SB, kSparse, 2>(p, x, y, ldy, r0, r1);
+    case 3: return int_rows<SB, kSparse, 3>(p, x, y, ldy, r0, r1);
+    case 4: return int_rows<SB, kSparse, 4>(p, x, y, ldy, r0, r1);
+    case 5: return int_rows<SB, kSparse, 5>(p, x, y, ldy, r0, r1);
+    case 6: return int_rows<SB, kSparse, 6>(p, x, y, ldy, r0, r1);
+    case 7: return int_rows<SB, kSparse, 7>(p, x, y, ldy, r0, r1);
+    default: return int_rows<SB, kSparse, 8>(p, x, y, ldy, r0, r1);
+  }
+}
+
+template <bool kSameGroup>
+void int4_pair_decode(const PackedView& p, const QuantizedInput& x, int64_t n_tokens, float* y,
+                      int64_t ldy, int64_t r0, int64_t r1) {
+  switch (n_tokens) {
+    case 1: return int4_pair_rows<1, kSameGroup>(p, x, y, ldy, r0, r1);
+    case 2: return int4_pair_rows<2, kSameGroup>(p, x, y, ldy, r0, r1);
+    case 3: return int4_pair_rows<3, kSameGroup>(p, x, y, ldy, r0, r1);
+    case 4: return int4_pair_rows<4, kSameGroup>(p, x, y, ldy, r0, r1);
+    case 5: return int4_pair_rows<5, kSameGroup>(p, x, y, ldy, r0, r1);
+    case 6: return int4_pair_rows<6, kSameGroup>(p, x, y, ldy, r0, r1);
+    case 7: return int4_pair_rows<7, kSameGroup>(p, x, y, ldy, r0, r1);
+    default: return int4_pair_rows<8, kSameGroup>(p, x, y, ldy, r0, r1);
+  }
+}
+
+template <int SB, bool kSparse>
+void palette_decode(const PackedView& p, const QuantizedInput& x, int64_t n_tokens, float* y,
+                    int64_t ldy, int64_t r0, int64_t r1) {
+  switch (n_tokens) {
+    case 1: return palette_rows<SB, kSparse, 1>(p, x, y, ldy, r0, r1);
+    case 2: return palette_rows<SB, kSparse, 2>(p, x, y, ldy, r0, r1);
+    case 3: return palette_rows<SB, kSparse, 3>(p, x, y, ldy, r0, r1);
+    case 4: return palette_rows<SB, kSparse, 4>(p, x, y, ldy, r0, r1);
+    case 5: return palette_rows<SB, kSparse, 5>(p, x, y, ldy, r0, r1);
+    case 6: return palette_rows<SB, kSparse, 6>(p, x, y, ldy, r0, r1);
+    case 7: return palette_rows<SB, kSparse, 7>(p, x, y, ldy, r0, r1);
+    default: return palette_rows<SB, kSparse, 8>(p, x, y, ldy, r0, r1);
+  }
+}
+
+}  // namespace
+
+FormatDecodeQ8Fn decode_q8(const PackedView& v) {
+  const bool sparse = v.positions == Positions::Bitmask;
+  const int sb = sparse ? (v.bits <= 4 ? 4 : 8) : formats::stored_code_bits(v.bits);
+  if (v.codec == Codec::Int) {
+    if (v.n_groups > 1 && v.group_size % kBlockCols != 0) return nullptr;
+    if (sparse) return sb == 4 ? &int_decode<4, true> : &int_decode<8, true>;
+    switch (sb) {
+      case 2: return &int_decode<2, false>;
+      case 3: return &int_decode<3, false>;
+      case 4: {
+        const int64_t bpg = v.n_groups == 1 ? v.n_blocks : v.group_size / kBlockCols;
+        return v.n_groups == 1 || bpg % 2 == 0 ? &int4_pair_decode<true>
+                                                : &int4_pair_decode<false>;
+      }
+      default: return &int_decode<8, false>;
+    }
+  }
+  if (v.codec == Codec::Palette && v.lut_q != nullptr) {
+    if (sparse) return sb == 4 ? &palette_decode<4, true> : &palette_decode<8, true>;
+    switch (sb) {
+      case 2: return &palette_decode<2, false>;
+      case 3: return &palette_decode<3, false>;
+      case 4: return &palette_decode<4, false>;
+      default: return &palette_decode<8, false>;
+    }
+  }
+  return nullptr;
+}
+
+void quantize_input(const float* x, int64_t ldx, int64_t n_tokens, int64_t cols, int8_t* q,
+                    int8_t* qp, int64_t ldq, float* scale, float* pair_scale, float* block_sum) {
+  const int64_t nb = (cols + kBlockCols - 1) / kBlockCols, np = (nb + 1) / 2;
+  const __m512 sign = _mm512_set1_ps(-0.0f);
+  for (int64_t t = 0; t < n_tokens; ++t) {
+    const float* xt = x + t * ldx;
+    int8_t* qt = q + t * ldq;
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t c0 = b * kBlockCols;
+      __m512 v[4];
+      __m512 amax = _mm512_setzero_ps();
+      for (int s = 0; s < 4; ++s) {
+        v[s] = _mm512_maskz_loadu_ps(mask16(std::max<int64_t>(0, cols - c0 - 16 * s)),
+                                     xt + c0 + 16 * s);
+        amax = _mm512_max_ps(amax, _mm512_andnot_ps(sign, v[s]));
+      }
+      const float m = _mm512_reduce_max_ps(amax);
+      const float s_b = m / 127.0f;
+      __m512i sum = _mm512_setzero_si512();
+      for (int s = 0; s < 4; ++s) {
+        // s_b = 0 only for an all-zero block: its codes are 0 (not 0 / 0).
+        const __m512i qi = s_b > 0.0f
+                               ? _mm512_cvtps_epi32(_mm512_div_ps(v[s], _mm512_set1_ps(s_b)))
+                               : _mm512_setzero_si512();
+        sum = _mm512_add_epi32(sum, qi);
+        _mm_store_si128(reinterpret_cast<__m128i*>(qt + c0 + 16 * s), _mm512_cvtepi32_epi8(qi));
+      }
+      scale[t * nb + b] = s_b;
+      block_sum[t * nb + b] = s_b * static_cast<float>(_mm512_reduce_add_epi32(sum));
+    }
+    if (nb % 2 != 0) _mm512_store_si512(qt + nb * kBlockCols, _mm512_setzero_si512());
+    // The pair layout: 32-column halves of blocks 2p and 2p + 1 interleaved.
+    int8_t* qpt = qp + t * ldq;
+    const __m512i idx = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);
+    for (int64_t p = 0; p < np; ++p) {
+      const __m512i a = _mm512_load_si512(qt + 128 * p), b = _mm512_load_si512(qt + 128 * p + 64);
+      const __m512i lo = _mm512_permutex2var_epi64(a, idx, b);
+      const __m512i hi = _mm512_permutex2var_epi64(a, _mm512_add_epi64(idx, _mm512_set1_epi64(4)), b);
+      _mm512_store_si512(qpt + 128 * p, lo);
+      _mm512_store_si512(qpt + 128 * p + 64, hi);
+      const float s1 = 2 * p + 1 < nb ? scale[t * nb + 2 * p + 1] : 0.0f;
+      _mm512_store_ps(pair_scale + (t * np + p) * 16,
+                      _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(scale[t * nb + 2 * p]),
+                                           _mm512_set1_ps(s1)));
+    }
+  }
+}
+
+}  // namespace sparsa::kernels::avx512vnni

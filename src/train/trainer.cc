@@ -1,0 +1,474 @@
+#include "sparsa/train/trainer.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <nlohmann/json.hpp>
+#include <numbers>
+
+#include "sparsa/core/error.h"
+#include "sparsa/core/mapped_file.h"
+#include "sparsa/io/safetensors.h"
+
+namespace sparsa::train {
+
+namespace fs = std::filesystem;
+using compress::DistillationArgs;
+using compress::GradualPruningArgs;
+using compress::ModifierType;
+
+double learning_rate(const compress::TrainingArgs& a, int64_t step, int64_t total) {
+  if (a.warmup_steps > 0 && step < a.warmup_steps)
+    return a.lr * static_cast<double>(step + 1) / static_cast<double>(a.warmup_steps);
+  const int64_t decay = total - a.warmup_steps;
+  if (decay <= 1) return a.lr;
+  const double progress =
+      std::clamp(static_cast<double>(step - a.warmup_steps) / static_cast<double>(decay - 1), 0.0, 1.0);
+  const double min_lr = a.lr * a.min_lr_ratio;
+  return min_lr + 0.5 * (a.lr - min_lr) * (1.0 + std::cos(std::numbers::pi * progress));
+}
+
+double cubic_sparsity(const GradualPruningArgs& a, int64_t step) {
+  if (step < a.start_step) return a.init_sparsity;
+  if (step >= a.end_step) return a.final_sparsity;
+  const double frac =
+      static_cast<double>(step - a.start_step) / static_cast<double>(a.end_step - a.start_step);
+  const double r = 1.0 - frac;
+  return a.final_sparsity + (a.init_sparsity - a.final_sparsity) * r * r * r;
+}
+
+bool pruning_step(const GradualPruningArgs& a, int64_t step) {
+  if (step < a.start_step || step > a.end_step) return false;
+  return step == a.end_step || (step - a.start_step) % a.update_frequency == 0;
+}
+
+void magnitude_prune(float* w, uint8_t* keep, int64_t numel, double sparsity) {
+  const int64_t k = std::llround(sparsity * static_cast<double>(numel));
+  if (k <= 0) return;
+  // (key, index): masked weights first (key −1), then by |w|, ties by position.
+  std::vector<std::pair<float, int64_t>> order(static_cast<size_t>(numel));
+  for (int64_t i = 0; i < numel; ++i)
+    order[static_cast<size_t>(i)] = {keep[i] ? std::abs(w[i]) : -1.0f, i};
+  std::nth_element(order.begin(), order.begin() + (std::min(k, numel) - 1), order.end());
+  for (int64_t j = 0; j < std::min(k, numel); ++j) {
+    const int64_t i = order[static_cast<size_t>(j)].second;
+    keep[i] = 0;
+    w[i] = 0.0f;
+  }
+}
+
+// ---- data ---------------------------------------------------------------------------------------
+
+namespace {
+
+uint64_t splitmix64(uint64_t& s) {
+  uint64_t z = (s += 0x9E3779B97F4A7C15ull);
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  return z ^ (z >> 31);
+}
+
+uint64_t fnv1a(const int32_t* p, int64_t n, uint64_t h = 0xcbf29ce484222325ull) {
+  const auto* b = reinterpret_cast<const uint8_t*>(p);
+  for (int64_t i = 0; i < n * 4; ++i) h = (h ^ b[i]) * 0x100000001b3ull;
+  return h;
+}
+
+}  // namespace
+
+TokenData::TokenData(std::vector<int32_t> tokens, int64_t seq_len, int64_t eval_windows)
+    : tokens_(std::move(tokens)), seq_len_(seq_len) {
+  cut(eval_windows, true);
+}
+
+TokenData::TokenData(std::vector<int32_t> tokens, std::vector<int32_t> valid_tokens,
+                     int64_t seq_len, int64_t eval_windows)
+    : tokens_(std::move(tokens)), valid_tokens_(std::move(valid_tokens)), seq_len_(seq_len) {
+  cut(eval_windows, false);
+}
+
+void TokenData::cut(int64_t eval_windows, bool hold_out) {
+  SPARSA_CHECK(seq_len_ >= 2, "train: seq_len must be >= 2, got {}", seq_len_);
+  auto windows = [&](const std::vector<int32_t>& t) {
+    std::vector<const int32_t*> w;
+    for (int64_t s = 0; s + seq_len_ + 1 <= static_cast<int64_t>(t.size()); s += seq_len_)
+      w.push_back(t.data() + s);
+    return w;
+  };
+  train_ = windows(tokens_);
+  if (hold_out) {
+    const int64_t held = std::min<int64_t>(eval_windows, static_cast<int64_t>(train_.size()) / 2);
+    valid_.assign(train_.end() - held, train_.end());
+    // The held-out windows must not share tokens with training ones: drop the window before.
+    train_.resize(train_.size() - static_cast<size_t>(held) - (held > 0 && train_.size() > static_cast<size_t>(held) ? 1 : 0));
+  } else {
+    valid_ = windows(valid_tokens_);
+    if (static_cast<int64_t>(valid_.size()) > eval_windows) valid_.resize(static_cast<size_t>(eval_windows));
+  }
+  SPARSA_CHECK(!train_.empty(),
+               "train: the data holds {} tokens, too few for one training window of {} (+ {} "
+               "held out for validation)",
+               tokens_.size(), seq_len_ + 1, valid_.size());
+  fingerprint_ = 0xcbf29ce484222325ull;
+  for (const int32_t* w : train_) fingerprint_ = fnv1a(w, seq_len_ + 1, fingerprint_);
+}
+
+const int32_t* TokenData::train_window(int64_t index, uint64_t seed) const {
+  const int64_t n = train_windows();
+  const int64_t epoch = index / n;
+  if (epoch != perm_epoch_ || seed != perm_seed_) {
+    perm_.resize(static_cast<size_t>(n));
+    for (int64_t i = 0; i < n; ++i) perm_[static_cast<size_t>(i)] = i;
+    uint64_t s = seed * 0x100000001b3ull + static_cast<uint64_t>(epoch);
+    for (int64_t i = n - 1; i > 0; --i) {  // Fisher–Yates
+      const int64_t j = static_cast<int64_t>(splitmix64(s) % static_cast<uint64_t>(i + 1));
+      std::swap(perm_[static_cast<size_t>(i)], perm_[static_cast<size_t>(j)]);
+    }
+    perm_epoch_ = epoch;
+    perm_seed_ = seed;
+  }
+  return train_[static_cast<size_t>(perm_[static_cast<size_t>(index % n)])];
+}
+
+// ---- trainer ------------------------------------------------------------------------------------
+
+Trainer::Trainer(Model& student, Model* teacher, const compress::Stage& stage, TokenData data,
+                 ThreadPool& pool, int64_t max_tokens_override)
+    : student_(student),
+      teacher_(teacher),
+      args_(stage.training),
+      data_(std::move(data)),
+      pool_(pool) {
+  const std::string where = fmt::format("stage '{}'", stage.name);
+  SPARSA_CHECK(stage.run_type == compress::RunType::kFinetune,
+               "train: {} is not a finetune stage (run_type: finetune)", where);
+  SPARSA_CHECK(data_.seq_len() == args_.seq_len,
+               "train: the data is cut in windows of {} tokens, the {} trains on {}",
+               data_.seq_len(), where, args_.seq_len);
+  SPARSA_CHECK(args_.seq_len <= student.config().max_context(),
+               "train: {}, field 'training.seq_len': {} exceeds the model's context {}", where,
+               args_.seq_len, student.config().max_context());
+  bool have_distill = false;
+  for (const compress::Modifier& m : stage.modifiers) {
+    modifiers_.push_back(m);
+    if (const auto* d = std::get_if<DistillationArgs>(&m.args)) {
+      distill_ = *d;
+      have_distill = true;
+    }
+  }
+  if (!have_distill) distill_ = DistillationArgs{};  // plain next-token cross-entropy
+  const bool needs_teacher = distill_.kl > 0 || distill_.squarehead > 0;
+  SPARSA_CHECK(!needs_teacher || teacher_ != nullptr,
+               "train: {}, modifier 'DistillationModifier' needs a teacher (kl {} , squarehead {})",
+               where, distill_.kl, distill_.squarehead);
+  if (needs_teacher) {
+    const io::ModelConfig &a = student.config(), &b = teacher_->config();
+    SPARSA_CHECK(a.vocab_size == b.vocab_size,
+                 "train: student and teacher vocabularies differ ({} vs {})", a.vocab_size,
+                 b.vocab_size);
+    SPARSA_CHECK(distill_.squarehead == 0 ||
+                     (a.num_layers == b.num_layers && a.hidden_size == b.hidden_size),
+                 "train: SquareHead needs student and teacher of the same depth and width "
+                 "({}x{} vs {}x{})",
+                 a.num_layers, a.hidden_size, b.num_layers, b.hidden_size);
+  }
+  const int64_t max_tokens = max_tokens_override > 0 ? max_tokens_override : args_.max_tokens;
+  total_steps_ = max_tokens > 0 ? std::max<int64_t>(1, max_tokens / tokens_per_step()) : args_.steps;
+  SPARSA_CHECK(total_steps_ > 0, "train: {}, field 'training.steps': give steps or max_tokens",
+               where);
+
+  // Masks: every linear tensor a ConstantMask or GradualPruning modifier targets keeps its zeros.
+  student_.enable_gradients();
+  const std::vector<ParamTensor>& ts = student_.tensors();
+  keep_.assign(static_cast<size_t>(student_.num_params()), 1);
+  tensor_masked_.assign(ts.size(), 0);
+  tensor_schedule_.assign(ts.size(), nullptr);
+  for (size_t i = 0; i < ts.size(); ++i) {
+    if (!ts[i].linear) continue;
+    for (const compress::Modifier& m : modifiers_) {
+      if (!m.applies_to(ts[i].name)) continue;
+      if (m.type() == ModifierType::kConstantMask) tensor_masked_[i] = 1;
+      if (const auto* g = std::get_if<GradualPruningArgs>(&m.args)) {
+        tensor_masked_[i] = 1;
+        tensor_schedule_[i] = g;
+      }
+    }
+    if (!tensor_masked_[i]) continue;
+    const float* w = student_.params() + ts[i].offset;
+    uint8_t* k = keep_.data() + ts[i].offset;
+    for (int64_t j = 0; j < ts[i].numel; ++j) k[j] = w[j] != 0.0f;
+  }
+  for (const compress::Modifier& m : modifiers_) {
+    if (const auto* g = std::get_if<GradualPruningArgs>(&m.args)) {
+      SPARSA_CHECK(g->end_step <= total_steps_,
+                   "train: {}, modifier 'GradualPruningModifier', field 'end_step': {} is past "
+                   "the last step {}",
+                   where, g->end_step, total_steps_);
+    }
+  }
+  m_.assign(static_cast<size_t>(student_.num_params()), 0.0f);
+  v_.assign(m_.size(), 0.0f);
+}
+
+int64_t Trainer::tokens_per_step() const {
+  return args_.batch_size * args_.seq_len * args_.grad_accum;
+}
+
+bool Trainer::masked(const std::string& tensor) const {
+  const std::vector<ParamTensor>& ts = student_.tensors();
+  for (size_t i = 0; i < ts.size(); ++i)
+    if (ts[i].name == tensor) return tensor_masked_[i] != 0;
+  return false;
+}
+
+double Trainer::masked_sparsity() const {
+  const std::vector<ParamTensor>& ts = student_.tensors();
+  int64_t zeros = 0, total = 0;
+  for (size_t i = 0; i < ts.size(); ++i) {
+    if (!tensor_masked_[i]) continue;
+    const float* w = student_.params() + ts[i].offset;
+    for (int64_t j = 0; j < ts[i].numel; ++j) zeros += w[j] == 0.0f;
+    total += ts[i].numel;
+  }
+  return total > 0 ? static_cast<double>(zeros) / static_cast<double>(total) : 0.0;
+}
+
+void Trainer::update_masks(int64_t step) {
+  const std::vector<ParamTensor>& ts = student_.tensors();
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const GradualPruningArgs* g = tensor_schedule_[i];
+    if (g == nullptr || !pruning_step(*g, step)) continue;
+    const int64_t off = ts[i].offset;
+    magnitude_prune(student_.params() + off, keep_.data() + off, ts[i].numel,
+                    cubic_sparsity(*g, step));
+    // Pruned weights start over: no momentum carries them back.
+    for (int64_t j = 0; j < ts[i].numel; ++j)
+      if (!keep_[static_cast<size_t>(off + j)]) m_[static_cast<size_t>(off + j)] = v_[static_cast<size_t>(off + j)] = 0.0f;
+  }
+}
+
+double Trainer::micro_batch(int64_t index, float grad_scale, double* ce, double* kl, double* sq) {
+  const int64_t b = args_.batch_size, t = args_.seq_len, n = b * t;
+  batch_ids_.resize(static_cast<size_t>(n));
+  batch_targets_.resize(static_cast<size_t>(n));
+  for (int64_t s = 0; s < b; ++s) {
+    const int32_t* w = data_.train_window(index * b + s, static_cast<uint64_t>(args_.seed));
+    std::copy(w, w + t, batch_ids_.begin() + s * t);
+    std::copy(w + 1, w + t + 1, batch_targets_.begin() + s * t);
+  }
+  const int64_t vocab = student_.config().vocab_size, h = student_.config().hidden_size;
+  const bool need_teacher = distill_.kl > 0 || distill_.squarehead > 0;
+  if (need_teacher) teacher_->forward(batch_ids_.data(), b, t, pool_);
+  student_.forward(batch_ids_.data(), b, t, pool_);
+  double loss = 0;
+  // The cross-entropy is always measured (it is the curve users read); it enters the gradient
+  // with its weight.
+  const double c = ops::cross_entropy(distill_.ce > 0 ? student_.dlogits() : nullptr,
+                                      student_.logits(), batch_targets_.data(), n, vocab,
+                                      static_cast<float>(distill_.ce) * grad_scale, pool_);
+  *ce += c;
+  loss += distill_.ce * c;
+  if (distill_.kl > 0) {
+    const double k = ops::kl_distillation(student_.dlogits(), student_.logits(), teacher_->logits(),
+                                          n, vocab, static_cast<float>(distill_.temperature),
+                                          static_cast<float>(distill_.kl) * grad_scale, pool_);
+    *kl += k;
+    loss += distill_.kl * k;
+  }
+  if (distill_.squarehead > 0) {
+    double total = 0;
+    for (int64_t l = 0; l < student_.config().num_layers; ++l)
+      total += ops::squarehead(student_.dblock_output(l), student_.block_output(l),
+                               teacher_->block_output(l), n * h,
+                               static_cast<float>(distill_.squarehead) * grad_scale, pool_);
+    *sq += total;
+    loss += distill_.squarehead * total;
+  }
+  student_.backward(pool_);
+  return loss;
+}
+
+StepStats Trainer::train_step() {
+  SPARSA_CHECK(step_ < total_steps_, "train: all {} steps are done", total_steps_);
+  const auto t0 = std::chrono::steady_clock::now();
+  update_masks(step_);
+  student_.zero_grad();
+  StepStats st;
+  const float grad_scale = 1.0f / static_cast<float>(args_.grad_accum);
+  for (int64_t a = 0; a < args_.grad_accum; ++a) {
+    st.loss += micro_batch(consumed_ / args_.batch_size, grad_scale, &st.ce, &st.kl, &st.squarehead);
+    consumed_ += args_.batch_size;
+  }
+  const double inv = 1.0 / static_cast<double>(args_.grad_accum);
+  st.loss *= inv, st.ce *= inv, st.kl *= inv, st.squarehead *= inv;
+
+  // Masked gradients: pruned weights get no update (and no weight decay either, below).
+  const std::vector<ParamTensor>& ts = student_.tensors();
+  for (size_t i = 0; i < ts.size(); ++i)
+    if (tensor_masked_[i])
+      ops::apply_mask(student_.grads() + ts[i].offset, keep_.data() + ts[i].offset, ts[i].numel,
+                      pool_);
+  const double norm = std::sqrt(ops::sum_of_squares(student_.grads(), student_.num_params(), pool_));
+  st.grad_norm = norm;
+  if (args_.clip > 0 && norm > args_.clip)
+    ops::scale(student_.grads(), static_cast<float>(args_.clip / norm), student_.num_params(), pool_);
+  st.lr = learning_rate(args_, step_, total_steps_);
+  ops::AdamW opt{static_cast<float>(st.lr), static_cast<float>(args_.beta1),
+                 static_cast<float>(args_.beta2), static_cast<float>(args_.eps), 0.0f};
+  for (size_t i = 0; i < ts.size(); ++i) {
+    opt.weight_decay = ts[i].matrix ? static_cast<float>(args_.weight_decay) : 0.0f;
+    const int64_t off = ts[i].offset;
+    ops::adamw_update(student_.params() + off, student_.grads() + off, m_.data() + off,
+                      v_.data() + off, ts[i].numel, opt, step_ + 1, pool_);
+    if (tensor_masked_[i])
+      ops::apply_mask(student_.params() + off, keep_.data() + off, ts[i].numel, pool_);
+  }
+  ++step_;
+  st.step = step_;
+  st.tokens = consumed_ * args_.seq_len;
+  st.sparsity = masked_sparsity();
+  st.seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  history_.push_back(st);
+  return st;
+}
+
+EvalStats Trainer::evaluate() {
+  EvalStats e;
+  e.step = step_;
+  const int64_t n_win = data_.eval_windows(), t = args_.seq_len;
+  if (n_win == 0) return e;
+  const int64_t vocab = student_.config().vocab_size;
+  const int64_t per_batch = std::max<int64_t>(1, args_.batch_size);
+  double total = 0;
+  int64_t count = 0;
+  for (int64_t w0 = 0; w0 < n_win; w0 += per_batch) {
+    const int64_t b = std::min(per_batch, n_win - w0);
+    batch_ids_.resize(static_cast<size_t>(b * t));
+    batch_targets_.resize(static_cast<size_t>(b * t));
+    for (int64_t s = 0; s < b; ++s) {
+      const int32_t* w = data_.eval_window(w0 + s);
+      std::copy(w, w + t, batch_ids_.begin() + s * t);
+      std::copy(w + 1, w + t + 1, batch_targets_.begin() + s * t);
+    }
+    student_.forward(batch_ids_.data(), b, t, pool_);
+    total += ops::cross_entropy(nullptr, student_.logits(), batch_targets_.data(), b * t, vocab,
+                                1.0f, pool_) *
+             static_cast<double>(b * t);
+    count += b * t;
+  }
+  e.ce = total / static_cast<double>(count);
+  e.ppl = std::exp(e.ce);
+  evals_.push_back(e);
+  return e;
+}
+
+// ---- checkpoints --------------------------------------------------------------------------------
+
+namespace {
+
+void fsync_path(const fs::path& p, bool dir) {
+  const int fd = ::open(p.c_str(), dir ? (O_RDONLY | O_DIRECTORY) : O_RDONLY);
+  if (fd >= 0) {
+    ::fsync(fd);
+    ::close(fd);
+  }
+}
+
+nlohmann::json step_json(const StepStats& s) {
+  return {{"step", s.step},   {"tokens", s.tokens}, {"lr", s.lr},
+          {"loss", s.loss},   {"ce", s.ce},         {"kl", s.kl},
+          {"squarehead", s.squarehead}, {"grad_norm", s.grad_norm},
+          {"sparsity", s.sparsity},     {"seconds", s.seconds}};
+}
+
+}  // namespace
+
+void Trainer::save_checkpoint(const std::string& dir) const {
+  const fs::path out(dir);
+  fs::path tmp = out;
+  tmp += ".partial-" + std::to_string(::getpid());
+  fs::remove_all(tmp);
+  fs::create_directories(tmp);
+  const int64_t n = student_.num_params();
+  std::vector<io::TensorData> tensors = {
+      {{"params", DType::F32, {n}}, student_.params()},
+      {{"adam_m", DType::F32, {n}}, m_.data()},
+      {{"adam_v", DType::F32, {n}}, v_.data()},
+      {{"keep", DType::U8, {n}}, keep_.data()},
+  };
+  io::write_safetensors((tmp / "state.safetensors").string(), tensors, {{"format", "sparsa-train"}});
+  nlohmann::json j;
+  j["step"] = step_;
+  j["total_steps"] = total_steps_;
+  j["consumed_windows"] = consumed_;
+  j["seed"] = args_.seed;
+  j["data_fingerprint"] = fmt::format("{:016x}", data_.fingerprint());
+  j["num_params"] = n;
+  j["history"] = nlohmann::json::array();
+  for (const StepStats& s : history_) j["history"].push_back(step_json(s));
+  j["evals"] = nlohmann::json::array();
+  for (const EvalStats& e : evals_) j["evals"].push_back({{"step", e.step}, {"ce", e.ce}, {"ppl", e.ppl}});
+  const std::string text = j.dump(1) + "\n";
+  write_file_atomic((tmp / "trainer.json").string(), text.data(), text.size());
+  fsync_path(tmp, true);
+  if (fs::exists(out)) fs::remove_all(out);
+  fs::create_directories(out.has_parent_path() ? out.parent_path() : fs::path("."));
+  fs::rename(tmp, out);
+  fsync_path(out.has_parent_path() ? out.parent_path() : fs::path("."), true);
+}
+
+void Trainer::load_checkpoint(const std::string& dir) {
+  const std::string json_path = (fs::path(dir) / "trainer.json").string();
+  SPARSA_CHECK(fs::exists(json_path), "resume: {} is not a training checkpoint (no trainer.json)",
+               dir);
+  const nlohmann::json j = nlohmann::json::parse(read_text_file(json_path));
+  const int64_t n = student_.num_params();
+  SPARSA_CHECK(j.at("num_params").get<int64_t>() == n,
+               "resume: {} holds {} parameters, the student has {}", dir,
+               j.at("num_params").get<int64_t>(), n);
+  SPARSA_CHECK(j.at("data_fingerprint").get<std::string>() == fmt::format("{:016x}", data_.fingerprint()),
+               "resume: {} was trained on other data (or another seq_len / tokenizer)", dir);
+  SPARSA_CHECK(j.at("seed").get<int64_t>() == args_.seed,
+               "resume: {} was trained with seed {}, the recipe says {}", dir,
+               j.at("seed").get<int64_t>(), args_.seed);
+  SPARSA_CHECK(j.at("total_steps").get<int64_t>() == total_steps_,
+               "resume: {} was planned for {} steps, this run for {} (the schedule would differ)",
+               dir, j.at("total_steps").get<int64_t>(), total_steps_);
+  const io::Checkpoint ck = io::Checkpoint::open_file((fs::path(dir) / "state.safetensors").string());
+  auto read = [&](const char* name, DType dt, void* dst) {
+    const io::TensorView& t = ck.get(name);
+    SPARSA_CHECK(t.dtype == dt && t.numel() == n, "resume: {}: tensor '{}' has the wrong shape",
+                 t.file, name);
+    std::memcpy(dst, t.data, t.nbytes);
+  };
+  read("params", DType::F32, student_.params());
+  read("adam_m", DType::F32, m_.data());
+  read("adam_v", DType::F32, v_.data());
+  read("keep", DType::U8, keep_.data());
+  step_ = j.at("step").get<int64_t>();
+  consumed_ = j.at("consumed_windows").get<int64_t>();
+  history_.clear();
+  for (const auto& s : j.at("history")) {
+    StepStats st;
+    st.step = s.at("step");
+    st.tokens = s.at("tokens");
+    st.lr = s.at("lr");
+    st.loss = s.at("loss");
+    st.ce = s.at("ce");
+    st.kl = s.at("kl");
+    st.squarehead = s.at("squarehead");
+    st.grad_norm = s.at("grad_norm");
+    st.sparsity = s.at("sparsity");
+    st.seconds = s.at("seconds");
+    history_.push_back(st);
+  }
+  evals_.clear();
+  for (const auto& e : j.at("evals")) evals_.push_back({e.at("step"), e.at("ce"), e.at("ppl")});
+}
+
+}  // namespace sparsa::train

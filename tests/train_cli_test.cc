@@ -1,0 +1,170 @@
+// `sparsa finetune` end to end on models/tiny: a student pruned by `sparsa compress` (stored
+// sparse-bitmask, so it is loaded decoded), distilled from the dense model; its output loads,
+// keeps every pruned weight at zero, carries the loss curves, and a run stopped at a checkpoint
+// and resumed writes the same bytes as an uninterrupted one.
+#include <gtest/gtest.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <array>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
+
+#include "sparsa/core/mapped_file.h"
+#include "sparsa/model/llama.h"
+#include "sparsa/train/model.h"
+#include "test_util.h"
+
+namespace sparsa {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+struct CliRun {
+  int code = -1;
+  std::string out;  // stdout and stderr together
+};
+
+CliRun run(const std::string& args) {
+  const std::string cmd = testing::cli_path() + " " + args + " 2>&1";
+  CliRun r;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (p == nullptr) return r;
+  std::array<char, 4096> buf{};
+  size_t n;
+  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
+  const int status = ::pclose(p);
+  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+class FinetuneCli : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() / ("sparsa_finetune_" + std::to_string(::getpid()) + "_" +
+                                         ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+    // Training text: the README's paragraphs as JSON-lines documents.
+    const std::string readme = read_text_file(testing::source_dir() + "/README.md");
+    std::ofstream data(dir_ / "data.jsonl");
+    size_t begin = 0;
+    while (begin < readme.size()) {
+      size_t end = readme.find("\n\n", begin);
+      if (end == std::string::npos) end = readme.size();
+      if (end > begin) data << json{{"text", readme.substr(begin, end - begin)}}.dump() << "\n";
+      begin = end + 2;
+    }
+    std::ofstream(dir_ / "ft.yaml") << R"(finetune_stage:
+  run_type: finetune
+  training: {lr: 2.0e-3, warmup_steps: 1, steps: 4, batch_size: 2, seq_len: 32, clip: 1.0,
+             seed: 3, checkpoint_every: 2, eval_every: 2, eval_windows: 4}
+  pruning_modifiers:
+    ConstantMaskModifier: {targets: ["re:.*_proj$"], ignore: [lm_head]}
+  distillation_modifiers:
+    DistillationModifier: {ce: 1.0, kl: 1.0, squarehead: 1.0, temperature: 2.0}
+)";
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  std::string path(const std::string& name) const { return "'" + (dir_ / name).string() + "'"; }
+
+  // models/tiny pruned to 50% by magnitude, stored sparse-bitmask.
+  void make_student() {
+    const CliRun c = run("compress '" + testing::tiny_model_dir() + "' -r '" +
+                         testing::source_dir() + "/recipes/magnitude-50.yaml' --calib " +
+                         path("data.jsonl") + " --samples 1 --seq-len 32 -t 2 -o " +
+                         path("student") + " --json");
+    ASSERT_EQ(c.code, 0) << c.out;
+  }
+
+  std::string finetune(const std::string& extra) {
+    return "finetune " + path("student") + " --teacher '" + testing::tiny_model_dir() +
+           "' --data " + path("data.jsonl") + " -r " + path("ft.yaml") + " -t 2 --json " + extra;
+  }
+
+  fs::path dir_;
+};
+
+TEST_F(FinetuneCli, TrainsAPrunedStudentAndResumesBitForBit) {
+  make_student();
+  const CliRun a = run(finetune("-o " + path("out_a")));
+  ASSERT_EQ(a.code, 0) << a.out;
+  const json ja = json::parse(a.out.substr(a.out.rfind("{\"")));
+  EXPECT_EQ(ja["steps"], 4);
+  EXPECT_EQ(ja["tokens"], 4 * 2 * 32);
+  EXPECT_GT(ja["tokens_per_s"].get<double>(), 0.0);
+  EXPECT_LT(ja["valid_ce_after"].get<double>(), ja["valid_ce_before"].get<double>());
+  EXPECT_NEAR(ja["sparsity"].get<double>(), 0.5, 1e-3);
+  EXPECT_EQ(ja["checkpoints"].size(), 2u);
+
+  const fs::path out = dir_ / "out_a";
+  for (const char* f : {"model.safetensors", "config.json", "tokenizer.json", "recipe.yaml",
+                        "train_log.csv", "valid_log.csv", "loss.svg"})
+    EXPECT_TRUE(fs::exists(out / f)) << f;
+  const std::string csv = read_text_file((out / "train_log.csv").string());
+  EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 5);  // header + 4 steps
+  const std::string valid = read_text_file((out / "valid_log.csv").string());
+  EXPECT_EQ(std::count(valid.begin(), valid.end(), '\n'), 4);  // header + steps 0, 2, 4
+  EXPECT_EQ(read_text_file((out / "loss.svg").string()).rfind("<svg", 0), 0u);
+  const json config = json::parse(read_text_file((out / "config.json").string()));
+  EXPECT_EQ(config["quantization_config"]["sparsity_config"]["format"], "sparse-bitmask");
+
+  // The output loads in the inference engine, and every weight the student had pruned is zero.
+  auto engine = model::Model::load(out.string());
+  EXPECT_EQ(engine->blocks()[0].q.format, "sparse-bitmask");
+  const train::Model student = train::Model::load((dir_ / "student").string());
+  const train::Model tuned = train::Model::load(out.string());
+  int64_t changed = 0;
+  for (const train::ParamTensor& t : student.tensors()) {
+    if (!t.linear) continue;
+    for (int64_t i = 0; i < t.numel; ++i) {
+      const float s = student.params()[t.offset + i], f = tuned.params()[t.offset + i];
+      if (s == 0.0f) {
+        ASSERT_EQ(f, 0.0f) << t.name;
+      }
+      changed += s != f;
+    }
+  }
+  EXPECT_GT(changed, 0);
+
+  // Stopped after step 2 (a checkpoint, no model), then resumed: the same bytes.
+  const CliRun b = run(finetune("-o " + path("out_b") + " --stop-after 2 --checkpoint-dir " +
+                                path("ck_b")));
+  ASSERT_EQ(b.code, 0) << b.out;
+  EXPECT_FALSE(fs::exists(dir_ / "out_b"));
+  ASSERT_TRUE(fs::exists(dir_ / "ck_b" / "step-000002" / "state.safetensors"));
+  const CliRun c = run(finetune("-o " + path("out_b") + " --resume " + path("ck_b/step-000002")));
+  ASSERT_EQ(c.code, 0) << c.out;
+  EXPECT_EQ(read_text_file((dir_ / "out_b" / "model.safetensors").string()),
+            read_text_file((out / "model.safetensors").string()));
+  EXPECT_EQ(read_text_file((dir_ / "out_b" / "valid_log.csv").string()), valid);
+}
+
+TEST_F(FinetuneCli, ClearErrors) {
+  make_student();
+  CliRun r = run(finetune("-o " + path("o") + " --device cuda"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("--device cuda: this build of sparsa has no CUDA backend"),
+            std::string::npos)
+      << r.out;
+  r = run("finetune " + path("student") + " --data " + path("data.jsonl") + " -r " +
+          path("ft.yaml") + " -o " + path("o"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("modifier 'DistillationModifier' distils (kl or squarehead > 0): give "
+                       "--teacher"),
+            std::string::npos)
+      << r.out;
+  r = run("finetune " + path("student") + " --teacher '" + testing::tiny_model_dir() +
+          "' --data " + path("data.jsonl") + " -r '" + testing::source_dir() +
+          "/recipes/magnitude-50.yaml' -o " + path("o"));
+  EXPECT_EQ(r.code, 1);
+  EXPECT_NE(r.out.find("no finetune stage"), std::string::npos) << r.out;
+  EXPECT_FALSE(fs::exists(dir_ / "o"));
+}
+
+}  // namespace
+}  // namespace sparsa
