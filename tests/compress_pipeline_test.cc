@@ -203,6 +203,11 @@ TEST(CompressErrors, BadInputsAreRefusedAndNothingIsLeftBehind) {
   o.seq_len = 100000;
   expect_error(o, "calibration sequence length 100000");
 
+  // A recipe with a fine-tuning stage belongs to `sparsa finetune`.
+  o = tiny_options("finetune-squarehead", out);
+  expect_error(o, "use `sparsa finetune`");
+  EXPECT_FALSE(fs::exists(out));
+
   fs::create_directories(out);
   { std::ofstream(out + "/keep.txt") << "user data"; }
   o = tiny_options("gptq-w4g128", out);

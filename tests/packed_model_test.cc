@@ -382,9 +382,9 @@ TEST(BenchFormats, CliRejectsUnknownFormatsAndShapes) {
 // ---- perplexity on `small` (../shared)
 // -----------------------------------------------------------
 
-// Each recipe compressed with 16 calibration windows of 256 tokens (what is compared is the two
+// Each recipe compressed with 8 calibration windows of 256 tokens (what is compared is the two
 // engines on the same weights, not the compression's quality), then the perplexity of the first
-// 24 windows of 512 tokens of valid.jsonl on both paths.
+// 16 windows of 512 tokens of valid.jsonl (8,176 predictions) on both paths.
 TEST(PackedModelSmall, PerplexityEqualsTheReferencePathSlow) {
   SPARSA_REQUIRE_SHARED();
   const std::string shared = testing::shared_dir();
@@ -398,7 +398,7 @@ TEST(PackedModelSmall, PerplexityEqualsTheReferencePathSlow) {
     o.recipe_path = testing::source_dir() + "/recipes/" + recipe + ".yaml";
     o.calibration_path = shared + "/data/train.jsonl";
     o.output_dir = out;
-    o.samples = 16;
+    o.samples = 8;
     o.seq_len = 256;
     o.progress = false;
     compress::compress_model(o, pool);
@@ -409,12 +409,12 @@ TEST(PackedModelSmall, PerplexityEqualsTheReferencePathSlow) {
       tokens = tokenize_corpus(tok, io::read_documents(shared + "/data/valid.jsonl"),
                                packed->config().eos_token_ids.at(0));
     }
-    const PerplexityResult a = perplexity(*packed, tokens, 512, pool, {}, 24);
-    const PerplexityResult b = perplexity(*ref, tokens, 512, pool, {}, 24);
-    EXPECT_EQ(a.tokens_scored, 24 * 511);
+    const PerplexityResult a = perplexity(*packed, tokens, 512, pool, {}, 16);
+    const PerplexityResult b = perplexity(*ref, tokens, 512, pool, {}, 16);
+    EXPECT_EQ(a.tokens_scored, 16 * 511);
     EXPECT_NEAR(a.ppl / b.ppl, 1.0, 1e-3)
         << recipe << ": packed " << a.ppl << ", reference " << b.ppl;
-    EXPECT_LT(b.ppl, 40.0) << recipe;  // dense small: 14.74
+    EXPECT_LT(b.ppl, 100.0) << recipe;  // a sanity bound (dense small: 14.74 on all of valid)
     std::printf("%s (%s): packed ppl %.4f, reference %.4f\n", recipe,
                 packed->blocks()[0].q.describe().c_str(), a.ppl, b.ppl);
     fs::remove_all(out);

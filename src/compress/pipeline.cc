@@ -361,6 +361,10 @@ CompressReport compress_model(const CompressOptions& opt, ThreadPool& pool) {
   SPARSA_CHECK(seq_len >= 2 && seq_len <= cfg.max_context(),
                "compress: calibration sequence length {} is outside 2..{} (the model's context)",
                seq_len, cfg.max_context());
+  if (const Stage* ft = recipe.finetune_stage())
+    throw Error(fmt::format("{}: stage '{}' is a fine-tuning stage (run_type: finetune); "
+                            "`sparsa compress` runs one-shot stages only: use `sparsa finetune`",
+                            recipe.source, ft->name));
   // Structured pruning changes the shapes every later modifier sees, and the saved config has
   // one head count and one intermediate size: it comes first and covers every layer.
   const StructuredPruningArgs* structured = nullptr;

@@ -83,6 +83,67 @@ void check_shape_tensor(const Checkpoint& ck, const std::string& name, int64_t r
                v[1], rows, cols);
 }
 
+// weight_packed int32 [rows, packed_words(cols, B)] to codes [rows, cols], straight from the
+// mapped tensor: the layout of unpack_quantized (value i of a word in bits [i·B, (i+1)·B)), with
+// the word's values unrolled (this runs over every weight of a model at load).
+template <int B>
+void unpack_rows(const uint8_t* packed, int64_t rows, int64_t cols, uint8_t* codes) {
+  constexpr int kPerWord = 32 / B;
+  constexpr uint32_t kMask = (1u << B) - 1;
+  const int64_t words = packed_words(cols, B);
+  const int64_t full = cols / kPerWord;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* in = packed + r * words * 4;
+    uint8_t* out = codes + r * cols;
+    for (int64_t w = 0; w < full; ++w) {
+      uint32_t v;
+      std::memcpy(&v, in + 4 * w, 4);
+      for (int i = 0; i < kPerWord; ++i)
+        out[w * kPerWord + i] = static_cast<uint8_t>((v >> (B * i)) & kMask);
+    }
+    if (full < words) {
+      uint32_t v;
+      std::memcpy(&v, in + 4 * full, 4);
+      for (int64_t c = full * kPerWord; c < cols; ++c, v >>= B)
+        out[c] = static_cast<uint8_t>(v & kMask);
+    }
+  }
+}
+
+std::vector<uint8_t> unpack_codes(const TensorView& t, int64_t rows, int64_t cols, int bits) {
+  expect_dtype(t, {DType::I32});
+  std::vector<uint8_t> codes(static_cast<size_t>(rows * cols));
+  switch (bits) {
+    case 1:
+      unpack_rows<1>(t.data, rows, cols, codes.data());
+      break;
+    case 2:
+      unpack_rows<2>(t.data, rows, cols, codes.data());
+      break;
+    case 3:
+      unpack_rows<3>(t.data, rows, cols, codes.data());
+      break;
+    case 4:
+      unpack_rows<4>(t.data, rows, cols, codes.data());
+      break;
+    case 5:
+      unpack_rows<5>(t.data, rows, cols, codes.data());
+      break;
+    case 6:
+      unpack_rows<6>(t.data, rows, cols, codes.data());
+      break;
+    case 7:
+      unpack_rows<7>(t.data, rows, cols, codes.data());
+      break;
+    case 8:
+      unpack_rows<8>(t.data, rows, cols, codes.data());
+      break;
+    default:
+      fail("{}: tensor '{}': {} bits per code are not supported (1..8)", t.file, t.name, bits);
+  }
+  return codes;
+}
+
 // The keep flags [rows, cols] of a compressed-tensors bitmask (bit j of byte k of a row is
 // column 8k + j).
 std::vector<uint8_t> expand_bitmask(const TensorView& mask, int64_t rows, int64_t cols) {
@@ -135,7 +196,7 @@ StoredWeight read_stored_weight(const Checkpoint& ck, const std::string& module,
     check_shape_tensor(ck, name(ct_param::kWeightShape), rows, cols);
     const TensorView& packed =
         get(ck, name(ct_param::kWeightPacked), {rows, packed_words(cols, bits)});
-    s.codes = unpack_quantized(ints<int32_t>(packed, DType::I32), rows, cols, bits);
+    s.codes = unpack_codes(packed, rows, cols, bits);
     const TensorView& st = ck.get(name(ct_param::kWeightScale));
     SPARSA_CHECK(st.shape.size() == 2 && st.shape[0] == rows && st.shape[1] >= 1,
                  "{}: tensor '{}' has shape {}; expected [{}, n_groups]", st.file, st.name,
@@ -233,7 +294,7 @@ StoredWeight read_stored_weight(const Checkpoint& ck, const std::string& module,
     check_shape_tensor(ck, name(ct_param::kWeightShape), rows, cols);
     const TensorView& idx =
         get(ck, name(ct_param::kWeightIndicesPacked), {rows, packed_words(cols, bits)});
-    s.codes = unpack_quantized(ints<int32_t>(idx, DType::I32), rows, cols, bits);
+    s.codes = unpack_codes(idx, rows, cols, bits);
     s.lut = floats(pal);
     s.kind = Kind::kPalettized;
     s.bits = bits;

@@ -127,18 +127,24 @@ void pack_stored(Linear& l, io::StoredWeight& s) {
       q.g_idx = std::move(s.g_idx);
       q.codes = std::move(s.codes);
       // Sparse + quantized checkpoints keep pruned weights as zero-point codes inside
-      // weight_packed (sparsity_config format "dense"): those positions become the keep mask.
-      compress::Mask keep(static_cast<size_t>(n));
+      // weight_packed (sparsity_config format "dense"): where enough of them are, those
+      // positions become the keep mask (their values are 0 either way).
+      const auto is_zero = [&](int64_t r, int64_t c) {
+        const size_t g = static_cast<size_t>(r * s.n_groups + q.g_idx[static_cast<size_t>(c)]);
+        return q.codes[static_cast<size_t>(r * cols + c)] == q.zeros[g];
+      };
       int64_t pruned = 0;
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) {
-          const size_t i = static_cast<size_t>(r * cols + c);
-          const bool zero = q.codes[i] == q.zeros[static_cast<size_t>(r * s.n_groups + q.g_idx[c])];
-          keep[i] = !zero;
-          pruned += zero;
-        }
+        for (int64_t c = 0; c < cols; ++c) pruned += is_zero(r, c);
       const bool masked =
           mask_pays(pruned, n, s.bits <= 4 ? 4 : 8, formats::stored_code_bits(s.bits));
+      compress::Mask keep;
+      if (masked) {
+        keep.resize(static_cast<size_t>(n));
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; ++c)
+            keep[static_cast<size_t>(r * cols + c)] = !is_zero(r, c);
+      }
       l.packed = share(formats::pack_quantized(q, masked ? &keep : nullptr));
       return;
     }
@@ -163,18 +169,23 @@ void pack_stored(Linear& l, io::StoredWeight& s) {
       p.indices = std::move(s.codes);
       // Pruned + palettized weights sit on an exact 0 of the table.
       const int64_t k = int64_t{1} << s.bits;
-      compress::Mask keep(static_cast<size_t>(n));
+      const auto is_zero = [&](int64_t r, int64_t c) {
+        const size_t e = static_cast<size_t>((r / p.group_rows) * k +
+                                             p.indices[static_cast<size_t>(r * cols + c)]);
+        return p.lut[e] == 0.0f;
+      };
       int64_t pruned = 0;
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) {
-          const size_t i = static_cast<size_t>(r * cols + c);
-          const bool zero =
-              p.lut[static_cast<size_t>((r / p.group_rows) * k + p.indices[i])] == 0.0f;
-          keep[i] = !zero;
-          pruned += zero;
-        }
+        for (int64_t c = 0; c < cols; ++c) pruned += is_zero(r, c);
       const bool masked =
           mask_pays(pruned, n, s.bits <= 4 ? 4 : 8, formats::stored_code_bits(s.bits));
+      compress::Mask keep;
+      if (masked) {
+        keep.resize(static_cast<size_t>(n));
+        for (int64_t r = 0; r < rows; ++r)
+          for (int64_t c = 0; c < cols; ++c)
+            keep[static_cast<size_t>(r * cols + c)] = !is_zero(r, c);
+      }
       l.packed = share(formats::pack_palette(p, cols, masked ? &keep : nullptr));
       return;
     }
