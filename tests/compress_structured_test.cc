@@ -250,23 +250,8 @@ CompressOptions tiny_options(const std::string& recipe_path, const std::string& 
   return o;
 }
 
-struct CliRun {
-  int code = -1;
-  std::string out;
-};
-
-CliRun run_cli(const std::string& args) {
-  const std::string cmd = testing::cli_path() + " " + args + " 2>&1";
-  CliRun r;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (p == nullptr) return r;
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-  const int status = ::pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+using testing::CliRun;
+using testing::run_cli;
 
 size_t dir_bytes(const std::string& dir) {
   size_t total = 0;

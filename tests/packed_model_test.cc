@@ -349,23 +349,8 @@ TEST(BenchFormats, RandomModelsRunInEveryFormat) {
   EXPECT_LT(bytes["sparse50-bf16"], bytes["bf16"]);
 }
 
-struct CliRun {
-  int code = -1;
-  std::string out;
-};
-
-CliRun run_cli(const std::string& args) {
-  const std::string cmd = testing::cli_path() + " " + args + " 2>&1";
-  CliRun r;
-  FILE* p = ::popen(cmd.c_str(), "r");
-  if (p == nullptr) return r;
-  std::array<char, 4096> buf{};
-  size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), p)) > 0) r.out.append(buf.data(), n);
-  const int status = ::pclose(p);
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+using testing::CliRun;
+using testing::run_cli;
 
 TEST(BenchFormats, CliRejectsUnknownFormatsAndShapes) {
   CliRun r = run_cli("bench --shape small-27m --formats bf16,int4g128,int5q");

@@ -23,6 +23,7 @@
 #include <bit>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/kernels_internal.h"
 #include "sparsa/formats/packed_weight.h"
@@ -276,49 +277,50 @@ void palette_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_
   }
 }
 
+// Calls f(std::integral_constant<int, T>) with T = n_tokens (1..8; more run as 8-token tiles).
+template <typename F>
+void for_token_count(int64_t n_tokens, F&& f) {
+  switch (n_tokens) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    case 4:
+      return f(std::integral_constant<int, 4>{});
+    case 5:
+      return f(std::integral_constant<int, 5>{});
+    case 6:
+      return f(std::integral_constant<int, 6>{});
+    case 7:
+      return f(std::integral_constant<int, 7>{});
+    default:
+      return f(std::integral_constant<int, 8>{});
+  }
+}
+
 template <int SB, bool kSparse>
 void int_decode(const PackedView& p, const QuantizedInput& x, int64_t n_tokens, float* y,
                 int64_t ldy, int64_t r0, int64_t r1) {
-  switch (n_tokens) {
-    case 1: return int_rows<SB, kSparse, 1>(p, x, y, ldy, r0, r1);
-    case 2: return int_rows<SB, kSparse, 2>(p, x, y, ldy, r0, r1);
-    case 3: return int_rows<SB, kSparse, 3>(p, x, y, ldy, r0, r1);
-    case 4: return int_rows<SB, kSparse, 4>(p, x, y, ldy, r0, r1);
-    case 5: return int_rows<SB, kSparse, 5>(p, x, y, ldy, r0, r1);
-    case 6: return int_rows<SB, kSparse, 6>(p, x, y, ldy, r0, r1);
-    case 7: return int_rows<SB, kSparse, 7>(p, x, y, ldy, r0, r1);
-    default: return int_rows<SB, kSparse, 8>(p, x, y, ldy, r0, r1);
-  }
+  for_token_count(n_tokens,
+                  [&](auto t) { int_rows<SB, kSparse, decltype(t)::value>(p, x, y, ldy, r0, r1); });
 }
 
 template <bool kSameGroup>
 void int4_pair_decode(const PackedView& p, const QuantizedInput& x, int64_t n_tokens, float* y,
                       int64_t ldy, int64_t r0, int64_t r1) {
-  switch (n_tokens) {
-    case 1: return int4_pair_rows<1, kSameGroup>(p, x, y, ldy, r0, r1);
-    case 2: return int4_pair_rows<2, kSameGroup>(p, x, y, ldy, r0, r1);
-    case 3: return int4_pair_rows<3, kSameGroup>(p, x, y, ldy, r0, r1);
-    case 4: return int4_pair_rows<4, kSameGroup>(p, x, y, ldy, r0, r1);
-    case 5: return int4_pair_rows<5, kSameGroup>(p, x, y, ldy, r0, r1);
-    case 6: return int4_pair_rows<6, kSameGroup>(p, x, y, ldy, r0, r1);
-    case 7: return int4_pair_rows<7, kSameGroup>(p, x, y, ldy, r0, r1);
-    default: return int4_pair_rows<8, kSameGroup>(p, x, y, ldy, r0, r1);
-  }
+  for_token_count(n_tokens, [&](auto t) {
+    int4_pair_rows<decltype(t)::value, kSameGroup>(p, x, y, ldy, r0, r1);
+  });
 }
 
 template <int SB, bool kSparse>
 void palette_decode(const PackedView& p, const QuantizedInput& x, int64_t n_tokens, float* y,
                     int64_t ldy, int64_t r0, int64_t r1) {
-  switch (n_tokens) {
-    case 1: return palette_rows<SB, kSparse, 1>(p, x, y, ldy, r0, r1);
-    case 2: return palette_rows<SB, kSparse, 2>(p, x, y, ldy, r0, r1);
-    case 3: return palette_rows<SB, kSparse, 3>(p, x, y, ldy, r0, r1);
-    case 4: return palette_rows<SB, kSparse, 4>(p, x, y, ldy, r0, r1);
-    case 5: return palette_rows<SB, kSparse, 5>(p, x, y, ldy, r0, r1);
-    case 6: return palette_rows<SB, kSparse, 6>(p, x, y, ldy, r0, r1);
-    case 7: return palette_rows<SB, kSparse, 7>(p, x, y, ldy, r0, r1);
-    default: return palette_rows<SB, kSparse, 8>(p, x, y, ldy, r0, r1);
-  }
+  for_token_count(n_tokens, [&](auto t) {
+    palette_rows<SB, kSparse, decltype(t)::value>(p, x, y, ldy, r0, r1);
+  });
 }
 
 }  // namespace

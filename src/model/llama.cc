@@ -102,6 +102,23 @@ bool mask_pays(int64_t pruned, int64_t n, int kept_bits, int all_bits) {
          static_cast<double>(n) * all_bits;
 }
 
+// The keep mask of a [rows, cols] weight whose pruned positions satisfy is_zero(r, c), or an
+// empty mask when a bitmask would not pay for itself at `bits` per code.
+template <typename IsZero>
+compress::Mask keep_mask_if_it_pays(int64_t rows, int64_t cols, int bits, IsZero is_zero) {
+  const int64_t n = rows * cols;
+  compress::Mask keep(static_cast<size_t>(n));
+  int64_t pruned = 0;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t c = 0; c < cols; ++c) {
+      const bool z = is_zero(r, c);
+      keep[static_cast<size_t>(r * cols + c)] = !z;
+      pruned += z;
+    }
+  if (!mask_pays(pruned, n, bits <= 4 ? 4 : 8, formats::stored_code_bits(bits))) keep.clear();
+  return keep;
+}
+
 // Packs a compressed weight for its kernels (formats/packed_weight.h). Layouts without a packed
 // form (1-bit codes, groups that do not split the columns evenly) are decoded to f32.
 void pack_stored(Linear& l, io::StoredWeight& s) {
@@ -133,19 +150,8 @@ void pack_stored(Linear& l, io::StoredWeight& s) {
         const size_t g = static_cast<size_t>(r * s.n_groups + q.g_idx[static_cast<size_t>(c)]);
         return q.codes[static_cast<size_t>(r * cols + c)] == q.zeros[g];
       };
-      int64_t pruned = 0;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) pruned += is_zero(r, c);
-      const bool masked =
-          mask_pays(pruned, n, s.bits <= 4 ? 4 : 8, formats::stored_code_bits(s.bits));
-      compress::Mask keep;
-      if (masked) {
-        keep.resize(static_cast<size_t>(n));
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < cols; ++c)
-            keep[static_cast<size_t>(r * cols + c)] = !is_zero(r, c);
-      }
-      l.packed = share(formats::pack_quantized(q, masked ? &keep : nullptr));
+      const compress::Mask keep = keep_mask_if_it_pays(rows, cols, s.bits, is_zero);
+      l.packed = share(formats::pack_quantized(q, keep.empty() ? nullptr : &keep));
       return;
     }
     case Kind::kSparseBitmask:
@@ -174,19 +180,8 @@ void pack_stored(Linear& l, io::StoredWeight& s) {
                                              p.indices[static_cast<size_t>(r * cols + c)]);
         return p.lut[e] == 0.0f;
       };
-      int64_t pruned = 0;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = 0; c < cols; ++c) pruned += is_zero(r, c);
-      const bool masked =
-          mask_pays(pruned, n, s.bits <= 4 ? 4 : 8, formats::stored_code_bits(s.bits));
-      compress::Mask keep;
-      if (masked) {
-        keep.resize(static_cast<size_t>(n));
-        for (int64_t r = 0; r < rows; ++r)
-          for (int64_t c = 0; c < cols; ++c)
-            keep[static_cast<size_t>(r * cols + c)] = !is_zero(r, c);
-      }
-      l.packed = share(formats::pack_palette(p, cols, masked ? &keep : nullptr));
+      const compress::Mask keep = keep_mask_if_it_pays(rows, cols, s.bits, is_zero);
+      l.packed = share(formats::pack_palette(p, cols, keep.empty() ? nullptr : &keep));
       return;
     }
     case Kind::kLowRank: {
