@@ -191,8 +191,8 @@ TEST(StructuredRecipe, ReadsAndWritesItsFields) {
   EXPECT_EQ(a.importance, Importance::kFluctuation);
   EXPECT_TRUE(a.bias_compensation);
   EXPECT_EQ(Recipe::from_yaml(r.to_yaml(), "stored"), r) << r.to_yaml();
-  const auto& d = std::get<StructuredPruningArgs>(
-      Recipe::from_yaml(structured_recipe("      mlp_sparsity: 0.1\n"), "s").modifiers()[0]->args);
+  const Recipe defaults = Recipe::from_yaml(structured_recipe("      mlp_sparsity: 0.1\n"), "s");
+  const auto& d = std::get<StructuredPruningArgs>(defaults.modifiers()[0]->args);
   EXPECT_EQ(d.importance, Importance::kActivation);
   EXPECT_FALSE(d.bias_compensation);
   EXPECT_DOUBLE_EQ(d.head_sparsity, 0.0);
