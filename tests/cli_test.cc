@@ -110,6 +110,8 @@ TEST_F(CliTest, BenchReportsTheContractKeys) {
   // plus one embedding row.
   const int64_t per_layer = 128 * 128 * 2 + 64 * 128 * 2 + 384 * 128 * 3;
   EXPECT_EQ(j["weight_bytes_per_token"].get<int64_t>(), 2 * (2 * per_layer + 8192 * 128) + 2 * 128);
+  // f32 keys and values of 2 layers x 64 kv features, over 16 + (4 + 1) / 2 positions on average.
+  EXPECT_EQ(j["kv_bytes_per_token"].get<int64_t>(), static_cast<int64_t>(2 * 2 * 64 * 4 * 18.5));
 }
 
 TEST_F(CliTest, InitRandomWritesALoadableCheckpoint) {

@@ -3,6 +3,8 @@
 #include <gtest/gtest.h>
 
 #include <atomic>
+#include <mutex>
+#include <set>
 #include <random>
 #include <thread>
 #include <vector>
@@ -66,6 +68,33 @@ TEST(ThreadPool, IdlePoolWakesForTheNextJob) {
     pool.run(16, [&](int64_t) { count.fetch_add(1); });
   }
   EXPECT_EQ(count.load(), 80);
+}
+
+// Both sleeping paths: the worker sleeps between jobs (idle far longer than its spin) and must be
+// woken for the next one; the caller finishes its task first and sleeps until the worker's slow
+// task completes, and must be woken by it. Each job's two tasks wait for each other, so they can
+// only finish if both threads take part.
+TEST(ThreadPool, SleepingWorkerAndCallerAreBothWoken) {
+  ThreadPool pool(2);
+  for (int i = 0; i < 10; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    std::atomic<int> started{0};
+    std::mutex m;
+    std::set<std::thread::id> ids;
+    pool.run(2, [&](int64_t t) {
+      {
+        std::lock_guard<std::mutex> lock(m);
+        ids.insert(std::this_thread::get_id());
+      }
+      started.fetch_add(1);
+      const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(5);
+      while (started.load() < 2 && std::chrono::steady_clock::now() < give_up)
+        std::this_thread::yield();
+      if (t == 1) std::this_thread::sleep_for(std::chrono::milliseconds(3));
+    });
+    ASSERT_EQ(started.load(), 2);
+    EXPECT_EQ(ids.size(), 2u) << "job " << i << " ran on one thread: the worker was not woken";
+  }
 }
 
 }  // namespace

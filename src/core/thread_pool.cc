@@ -18,6 +18,8 @@ namespace {
 constexpr auto kSpin = std::chrono::microseconds(200);
 // The task index that marks a job being published: no task can be claimed.
 constexpr uint64_t kClosed = 0xffffffffu;
+// Spinning threads read the clock once every this many pauses.
+constexpr uint32_t kClockEvery = 64;
 }  // namespace
 
 int default_thread_count() {
@@ -50,7 +52,8 @@ void ThreadPool::drain(uint64_t gen, TaskFn fn, void* ctx, int64_t n_tasks, bool
                                       std::memory_order_relaxed))
       continue;
     fn(ctx, static_cast<int64_t>(s & 0xffffffffu));
-    if (done_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_tasks && is_worker) {
+    if (done_.fetch_add(1, std::memory_order_seq_cst) + 1 == n_tasks && is_worker &&
+        caller_waiting_.load(std::memory_order_seq_cst)) {
       std::lock_guard<std::mutex> lock(mutex_);
       done_cv_.notify_one();
     }
@@ -93,37 +96,51 @@ void ThreadPool::run_impl(int64_t n_tasks, TaskFn fn, void* ctx) {
   ctx_.store(ctx, std::memory_order_relaxed);
   n_tasks_.store(n_tasks, std::memory_order_relaxed);
   done_.store(0, std::memory_order_relaxed);
-  {
+  // Open the job. Workers that are spinning see it without any lock; sleeping ones are woken.
+  // The open store and the load of sleepers_ are sequentially consistent, as are a worker's
+  // increment of sleepers_ and its check of state_ (under the mutex) before it waits: one of the
+  // two sides always sees the other, so no wake-up is lost.
+  state_.store(gen << 32, std::memory_order_seq_cst);
+  if (sleepers_.load(std::memory_order_seq_cst) > 0) {
     std::lock_guard<std::mutex> lock(mutex_);
-    state_.store(gen << 32, std::memory_order_release);
+    wake_.notify_all();
   }
-  wake_.notify_all();
   drain(gen, fn, ctx, n_tasks, false);
   // Wait until every task has completed (not for every worker to have woken: a worker that is
   // slow to wake simply finds nothing left to claim). Spin briefly, then sleep.
+  if (done_.load(std::memory_order_acquire) == n_tasks) return;
   const auto deadline = std::chrono::steady_clock::now() + kSpin;
-  while (done_.load(std::memory_order_acquire) != n_tasks) {
-    if (std::chrono::steady_clock::now() > deadline) {
+  for (uint32_t i = 1; done_.load(std::memory_order_acquire) != n_tasks; ++i) {
+    SPARSA_PAUSE();
+    if (i % kClockEvery == 0 && std::chrono::steady_clock::now() > deadline) {
       std::unique_lock<std::mutex> lock(mutex_);
-      done_cv_.wait(lock, [&] { return done_.load(std::memory_order_acquire) == n_tasks; });
+      caller_waiting_.store(true, std::memory_order_seq_cst);
+      done_cv_.wait(lock, [&] { return done_.load(std::memory_order_seq_cst) == n_tasks; });
+      caller_waiting_.store(false, std::memory_order_relaxed);
       break;
     }
-    SPARSA_PAUSE();
   }
 }
 
 void ThreadPool::worker_loop() {
   uint64_t seen = 0;
   for (;;) {
+    // Spin on the generation (reading the clock only now and then), then sleep until it moves.
     const auto deadline = std::chrono::steady_clock::now() + kSpin;
-    while ((state_.load(std::memory_order_acquire) >> 32) == seen &&
-           std::chrono::steady_clock::now() < deadline)
+    for (uint32_t i = 1; (state_.load(std::memory_order_acquire) >> 32) == seen; ++i) {
       SPARSA_PAUSE();
-    {
-      std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [&] { return (state_.load(std::memory_order_acquire) >> 32) != seen; });
-      if (stop_.load(std::memory_order_relaxed)) return;
+      if (i % kClockEvery == 0 && std::chrono::steady_clock::now() > deadline) {
+        sleepers_.fetch_add(1, std::memory_order_seq_cst);
+        {
+          std::unique_lock<std::mutex> lock(mutex_);
+          wake_.wait(lock,
+                     [&] { return (state_.load(std::memory_order_seq_cst) >> 32) != seen; });
+        }
+        sleepers_.fetch_sub(1, std::memory_order_relaxed);
+        break;
+      }
     }
+    if (stop_.load(std::memory_order_acquire)) return;
     // Copy the job's fields and check that the generation did not move while they were read
     // (the caller's closing store is fenced before its field writes, so a copy that saw any
     // newer field also sees a newer generation and is retried).

@@ -53,7 +53,7 @@ constexpr int64_t kMinParallelWeights = int64_t{1} << 15;
 // Decode splits the rows into chunks of a multiple of kDecodeRowAlign rows, about
 // kDecodeChunksPerThread per thread, claimed dynamically (a shared machine stalls threads).
 constexpr int64_t kDecodeRowAlign = 16;
-constexpr int64_t kDecodeChunksPerThread = 4;
+constexpr int64_t kDecodeChunksPerThread = 1;
 
 void decode(const LinearKernels& kn, const DenseWeight& w, const float* x, int64_t ldx,
             int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool) {

@@ -69,7 +69,7 @@ DecodeFn dense_decode_fn(DType dtype, Isa isa) {
 // cache lines of y for each thread), about 4 per thread, claimed dynamically.
 constexpr int64_t kMinParallelWeights = int64_t{1} << 15;
 constexpr int64_t kDecodeRowAlign = 16;
-constexpr int64_t kDecodeChunksPerThread = 4;
+constexpr int64_t kDecodeChunksPerThread = 1;
 // Prefill dequantizes at most this many weights (16 MiB of f32) per GEMM call.
 constexpr int64_t kPrefillPanelWeights = int64_t{1} << 22;
 

@@ -78,7 +78,14 @@ BenchResult run_bench(model::Model& model, ThreadPool& pool, const BenchOptions&
   r.prefill_tokens_per_s = static_cast<double>(opt.prompt_tokens) / prefill_s;
   r.decode_tokens_per_s = 1.0 / step_s;
   r.bandwidth_gb_per_s = bw / 1e9;
-  r.decode_bound_tokens_per_s = bw / static_cast<double>(r.weight_bytes_per_token);
+  // Step i (0-based) attends over prompt_tokens + i + 1 positions of keys and values per layer.
+  const double kv_row_bytes = 2.0 * static_cast<double>(cfg.num_layers * cfg.num_kv_heads *
+                                                        cfg.head_dim) * sizeof(float);
+  const double mean_positions =
+      static_cast<double>(opt.prompt_tokens) + 0.5 * static_cast<double>(opt.decode_tokens + 1);
+  r.kv_bytes_per_token = static_cast<size_t>(kv_row_bytes * mean_positions);
+  r.decode_bound_tokens_per_s =
+      bw / static_cast<double>(r.weight_bytes_per_token + r.kv_bytes_per_token);
   r.decode_fraction_of_bound = r.decode_tokens_per_s / r.decode_bound_tokens_per_s;
   int64_t linear_params = cfg.vocab_size * cfg.hidden_size;
   for (const auto& b : model.blocks())

@@ -272,6 +272,7 @@ json bench_result_json(const sparsa::BenchResult& r) {
           {"prefill_gflop_per_s", r.prefill_gflop_per_s},
           {"decode_tokens_per_s", r.decode_tokens_per_s},
           {"weight_bytes_per_token", r.weight_bytes_per_token},
+          {"kv_bytes_per_token", r.kv_bytes_per_token},
           {"bandwidth_gb_per_s", r.bandwidth_gb_per_s},
           {"bandwidth_best_gb_per_s", r.bandwidth_best_gb_per_s},
           {"decode_bound_tokens_per_s", r.decode_bound_tokens_per_s},
@@ -350,12 +351,13 @@ int cmd_bench(const std::string& model_dir, int threads, const sparsa::BenchOpti
   }
   std::cout << fmt::format(
       "model        {}\nthreads      {} ({})\nprefill      {:.1f} tokens/s ({} tokens, {:.1f} "
-      "GFLOP/s)\ndecode       {:.2f} tokens/s\nweights      {:.1f} MB read per token\n"
+      "GFLOP/s)\ndecode       {:.2f} tokens/s\nweights      {:.1f} MB read per token (+ {:.2f} MB of KV cache)\n"
       "bandwidth    {:.2f} GB/s (median of probes between decode steps; best {:.2f}) -> bound {:.2f} tokens/s\nfraction     {:.1f}% of the "
       "bandwidth bound\n",
       model_dir, r.threads, r.isa, r.prefill_tokens_per_s, r.prompt_tokens,
       r.prefill_gflop_per_s, r.decode_tokens_per_s,
-      static_cast<double>(r.weight_bytes_per_token) / 1e6, r.bandwidth_gb_per_s, r.bandwidth_best_gb_per_s,
+      static_cast<double>(r.weight_bytes_per_token) / 1e6,
+      static_cast<double>(r.kv_bytes_per_token) / 1e6, r.bandwidth_gb_per_s, r.bandwidth_best_gb_per_s,
       r.decode_bound_tokens_per_s, 100 * r.decode_fraction_of_bound);
   return 0;
 }

@@ -66,12 +66,16 @@ class ThreadPool {
   // The job's generation (high 32 bits) and the next unclaimed task (low 32 bits). A task is
   // claimed by a compare-and-swap that also checks the generation, so a worker that wakes late
   // never runs a task of a job that has already finished.
-  std::atomic<uint64_t> state_{0};
-  std::atomic<int64_t> done_{0};
-  std::atomic<int64_t> n_tasks_{0};
+  // Each on its own cache line: the claim counter, the completion counter and the job's fields
+  // move between cores at different moments of a job.
+  alignas(64) std::atomic<uint64_t> state_{0};
+  alignas(64) std::atomic<int64_t> done_{0};
+  alignas(64) std::atomic<int64_t> n_tasks_{0};
   std::atomic<TaskFn> fn_{nullptr};
   std::atomic<void*> ctx_{nullptr};
   uint64_t generation_ = 0;  // the caller's copy
+  alignas(64) std::atomic<int> sleepers_{0};           // workers blocked on wake_
+  std::atomic<bool> caller_waiting_{false};           // the caller blocked on done_cv_
   std::atomic<bool> stop_{false};
 };
 

@@ -1,7 +1,10 @@
 // Speed of a loaded model against the machine's memory-bandwidth bound, measured in one run.
 //
-// Decoding one token reads every weight once, so decode tokens/s can be at most
-// bandwidth / weight bytes per token; `decode_fraction_of_bound` says how close we come.
+// Decoding one token reads every weight once and the whole KV cache of the sequence (f32 keys and
+// values of every layer, at the context the step runs at), so decode tokens/s can be at most
+// bandwidth / (weight bytes + KV-cache bytes per token); `decode_fraction_of_bound` says how close
+// we come. The KV-cache bytes are averaged over the decode steps (prompt + 1 .. prompt + decode
+// positions).
 // The bandwidth is probed between decode steps (one full read of a buffer much larger than the
 // caches after each step), so that bound and decode see the same moments of a shared machine;
 // both are medians.
@@ -42,6 +45,7 @@ struct BenchResult {
   double prefill_tokens_per_s = 0;
   double decode_tokens_per_s = 0;  // from the median time per decoded token
   size_t weight_bytes_per_token = 0;
+  size_t kv_bytes_per_token = 0;  // mean over the decode steps of the KV cache read
   double bandwidth_gb_per_s = 0;       // median of the probes interleaved with decode steps
   double bandwidth_best_gb_per_s = 0;  // the best single probe of the run
   double decode_bound_tokens_per_s = 0;
