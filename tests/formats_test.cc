@@ -488,9 +488,7 @@ TEST(PackedDecodeInput, ParsesSelectsAndReportsTheInt8Path) {
   Matrix w = random_matrix(96, 256, 8);
   const auto q = compress::rtn_quantize(w, {.bits = 4, .group_size = 128});
   const PackedWeight pw = pack_quantized(q);
-  __builtin_cpu_init();
-  const bool vnni = detect_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512vbmi") &&
-                    __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512vnni");
+  const bool vnni = cpu_has_avx512_vnni();
   EXPECT_EQ(kernels::decode_quantizes_input(pw, detect_isa()), vnni);
   EXPECT_FALSE(kernels::decode_quantizes_input(pw, Isa::Generic));
   std::vector<uint16_t> bf(w.data.size());

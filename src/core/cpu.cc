@@ -22,6 +22,28 @@ Isa detect_isa() {
   return Isa::Generic;
 }
 
+bool cpu_has_avx512_vbmi2() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return detect_isa() == Isa::Avx512 && __builtin_cpu_supports("avx512vbmi") &&
+           __builtin_cpu_supports("avx512vbmi2");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512_vnni() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = cpu_has_avx512_vbmi2() && __builtin_cpu_supports("avx512vnni");
+  return has;
+#else
+  return false;
+#endif
+}
+
 std::string_view isa_name(Isa isa) {
   switch (isa) {
     case Isa::Generic: return "generic";

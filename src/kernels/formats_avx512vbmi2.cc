@@ -33,7 +33,6 @@ namespace {
 using formats::Codec;
 using formats::PackedView;
 using formats::Positions;
-using fmt::load_u64;
 
 inline __mmask16 mask16(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
 inline __mmask32 mask32(int n) {

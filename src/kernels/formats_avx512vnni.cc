@@ -36,11 +36,6 @@ using formats::kBlockCols;
 using formats::PackedView;
 using formats::Positions;
 
-inline uint64_t load_u64(const uint8_t* p) {
-  uint64_t v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 inline __mmask16 mask16(int64_t n) {
   return _cvtu32_mask16(n >= 16 ? 0xffffu : static_cast<uint32_t>((1u << n) - 1u));
 }

@@ -26,11 +26,6 @@ using formats::kBlockCols;
 using formats::PackedView;
 using formats::Positions;
 
-inline uint64_t load_u64(const uint8_t* p) {
-  uint64_t v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 // Code i (< 64) of a Positions::All block stored with `sbits` bits per code.
 inline uint32_t block_code(const uint8_t* blk, int sbits, int i) {

@@ -4,8 +4,12 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
+
+#include <algorithm>
 
 #include "sparsa/core/dtype.h"
+#include "sparsa/core/thread_pool.h"
 #include "sparsa/kernels/linear.h"
 
 namespace sparsa::formats {
@@ -16,6 +20,67 @@ namespace sparsa::kernels {
 
 /// Up to this many tokens, linear() streams W once through the decode kernel; above, a GEMM.
 inline constexpr int64_t kDecodeMaxTokens = 8;
+
+/// Eight bytes at p, unaligned (bit masks and bit planes of the packed formats).
+inline uint64_t load_u64(const uint8_t* p) {
+  uint64_t v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+/// Below this many weights a decode call is too short to be worth waking the other threads.
+inline constexpr int64_t kMinParallelWeights = int64_t{1} << 15;
+/// Decode splits the rows into chunks of a multiple of kDecodeRowAlign rows (whole cache lines
+/// of y for each thread), about kDecodeChunksPerThread per thread.
+inline constexpr int64_t kDecodeRowAlign = 16;
+inline constexpr int64_t kDecodeChunksPerThread = 1;
+
+/// Rows per chunk when `rows` rows are cut into about `chunks` chunks of whole row blocks.
+inline int64_t decode_step(int64_t rows, int64_t chunks) {
+  return ((rows + chunks - 1) / chunks + kDecodeRowAlign - 1) / kDecodeRowAlign * kDecodeRowAlign;
+}
+
+/// fn(r0, r1) over the rows of one [rows, cols] weight, split across the pool.
+template <class F>
+void split_decode_rows(int64_t rows, int64_t cols, ThreadPool& pool, F&& fn) {
+  if (pool.size() == 1 || rows * cols < kMinParallelWeights) {
+    fn(int64_t{0}, rows);
+    return;
+  }
+  const int64_t max_chunks = (rows + kDecodeRowAlign - 1) / kDecodeRowAlign;
+  const int64_t step =
+      decode_step(rows, std::min<int64_t>(pool.size() * kDecodeChunksPerThread, max_chunks));
+  pool.run((rows + step - 1) / step,
+           [&](int64_t c) { fn(c * step, std::min(rows, (c + 1) * step)); });
+}
+
+/// linear_many runs at most this many outputs together.
+inline constexpr int kMaxManyOutputs = 8;
+
+/// linear_many's split: the outputs' rows together cut into chunks of about
+/// total / (threads · kDecodeChunksPerThread) rows, each chunk inside one output;
+/// fn(output, r0, r1) runs once per chunk on the pool.
+template <class F>
+void split_decode_outputs(const int64_t* rows, int count, ThreadPool& pool, F&& fn) {
+  int64_t first_chunk[kMaxManyOutputs + 1];
+  int64_t step[kMaxManyOutputs];
+  int64_t total_rows = 0;
+  for (int i = 0; i < count; ++i) total_rows += rows[i];
+  const int64_t target = std::max<int64_t>(
+      kDecodeRowAlign, total_rows / (pool.size() * kDecodeChunksPerThread) / kDecodeRowAlign *
+                           kDecodeRowAlign);
+  first_chunk[0] = 0;
+  for (int i = 0; i < count; ++i) {
+    step[i] = decode_step(rows[i], std::max<int64_t>(1, (rows[i] + target / 2) / target));
+    first_chunk[i + 1] = first_chunk[i] + (rows[i] + step[i] - 1) / step[i];
+  }
+  pool.run(first_chunk[count], [&](int64_t c) {
+    int i = 0;
+    while (c >= first_chunk[i + 1]) ++i;
+    const int64_t r0 = (c - first_chunk[i]) * step[i];
+    fn(i, r0, std::min(rows[i], r0 + step[i]));
+  });
+}
 
 /// Rows [r0, r1) of y = x Wᵀ for a few tokens; each row of W is read once from memory.
 using DecodeFn = void (*)(const DenseWeight& w, const float* x, int64_t ldx, int64_t n_tokens,

@@ -48,26 +48,10 @@ const LinearKernels* find_kernels(DType dtype, Isa isa) {
   return nullptr;
 }
 
-// Below this many weights a decode call is too short to be worth waking the other threads.
-constexpr int64_t kMinParallelWeights = int64_t{1} << 15;
-// Decode splits the rows into chunks of a multiple of kDecodeRowAlign rows, about
-// kDecodeChunksPerThread per thread, claimed dynamically (a shared machine stalls threads).
-constexpr int64_t kDecodeRowAlign = 16;
-constexpr int64_t kDecodeChunksPerThread = 1;
-
 void decode(const LinearKernels& kn, const DenseWeight& w, const float* x, int64_t ldx,
             int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool) {
-  const int64_t rows = w.rows;
-  if (pool.size() == 1 || rows * w.cols < kMinParallelWeights) {
-    kn.decode(w, x, ldx, n_tokens, y, ldy, 0, rows);
-    return;
-  }
-  const int64_t max_chunks = (rows + kDecodeRowAlign - 1) / kDecodeRowAlign;
-  const int64_t chunks = std::min<int64_t>(pool.size() * kDecodeChunksPerThread, max_chunks);
-  const int64_t step =
-      ((rows + chunks - 1) / chunks + kDecodeRowAlign - 1) / kDecodeRowAlign * kDecodeRowAlign;
-  pool.run((rows + step - 1) / step, [&](int64_t c) {
-    kn.decode(w, x, ldx, n_tokens, y, ldy, c * step, std::min(rows, (c + 1) * step));
+  split_decode_rows(w.rows, w.cols, pool, [&](int64_t r0, int64_t r1) {
+    kn.decode(w, x, ldx, n_tokens, y, ldy, r0, r1);
   });
 }
 
@@ -180,18 +164,15 @@ void linear(const DenseWeight& w, const float* x, int64_t ldx, int64_t n_tokens,
 
 void linear_many(const LinearOutput* outs, int count, const float* x, int64_t ldx,
                  int64_t n_tokens, ThreadPool& pool) {
-  constexpr int kMaxOutputs = 8;
   const Isa isa = active_isa();
-  if (n_tokens > kDecodeMaxTokens || count > kMaxOutputs || pool.size() == 1) {
+  if (n_tokens > kDecodeMaxTokens || count > kMaxManyOutputs || pool.size() == 1) {
     for (int i = 0; i < count; ++i)
       linear_isa(isa, outs[i].weight, x, ldx, n_tokens, outs[i].y, outs[i].ldy, pool);
     return;
   }
   // Validate each output as linear() does, by running the checks on an empty call.
-  const LinearKernels* kn[kMaxOutputs];
-  int64_t first_chunk[kMaxOutputs + 1];
-  int64_t step[kMaxOutputs];
-  int64_t total_rows = 0;
+  const LinearKernels* kn[kMaxManyOutputs];
+  int64_t rows[kMaxManyOutputs];
   for (int i = 0; i < count; ++i) {
     linear_isa(isa, outs[i].weight, x, ldx, 0, outs[i].y, outs[i].ldy, pool);
     SPARSA_CHECK(ldx >= outs[i].weight.cols && outs[i].ldy >= outs[i].weight.rows,
@@ -199,28 +180,13 @@ void linear_many(const LinearOutput* outs, int count, const float* x, int64_t ld
                  "[{}, {}]",
                  i, ldx, outs[i].ldy, outs[i].weight.rows, outs[i].weight.cols);
     kn[i] = find_kernels(outs[i].weight.dtype, isa);
-    total_rows += outs[i].weight.rows;
+    rows[i] = outs[i].weight.rows;
   }
   if (n_tokens == 0) return;
   SPARSA_CHECK(x != nullptr, "linear_many: the input pointer is null");
-  // Chunks of about total_rows / (threads · kDecodeChunksPerThread) rows, cut per output.
-  const int64_t target = std::max<int64_t>(
-      kDecodeRowAlign, total_rows / (pool.size() * kDecodeChunksPerThread) / kDecodeRowAlign *
-                           kDecodeRowAlign);
-  first_chunk[0] = 0;
-  for (int i = 0; i < count; ++i) {
-    const int64_t rows = outs[i].weight.rows;
-    const int64_t chunks = std::max<int64_t>(1, (rows + target / 2) / target);
-    step[i] = ((rows + chunks - 1) / chunks + kDecodeRowAlign - 1) / kDecodeRowAlign *
-              kDecodeRowAlign;
-    first_chunk[i + 1] = first_chunk[i] + (rows + step[i] - 1) / step[i];
-  }
-  pool.run(first_chunk[count], [&](int64_t c) {
-    int i = 0;
-    while (c >= first_chunk[i + 1]) ++i;
+  split_decode_outputs(rows, count, pool, [&](int i, int64_t r0, int64_t r1) {
     const LinearOutput& o = outs[i];
-    const int64_t r0 = (c - first_chunk[i]) * step[i];
-    kn[i]->decode(o.weight, x, ldx, n_tokens, o.y, o.ldy, r0, std::min(o.weight.rows, r0 + step[i]));
+    kn[i]->decode(o.weight, x, ldx, n_tokens, o.y, o.ldy, r0, r1);
   });
 }
 

@@ -25,26 +25,14 @@ bool is_dense(const PackedView& v) {
 }
 DenseWeight dense_of(const PackedView& v) { return {v.dtype, v.rows, v.cols, v.dense}; }
 
-bool cpu_has_vbmi2() {
-  static const bool has = [] {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512vbmi") && __builtin_cpu_supports("avx512vbmi2");
-  }();
-  return has;
-}
-bool cpu_has_vnni() {
-  static const bool has = cpu_has_vbmi2() && __builtin_cpu_supports("avx512vnni");
-  return has;
-}
-
 // The registry: each ISA's format_kernels() maps a format (codec, positions, bits, group shape)
 // to its kernels; AVX-512 without VBMI2 runs the AVX2 ones, with VNNI it has int8-input ones.
 FormatKernels find_format_kernels(const PackedView& v, Isa isa) {
   switch (isa) {
     case Isa::Avx512:
-      if (cpu_has_vbmi2()) {
+      if (cpu_has_avx512_vbmi2()) {
         FormatKernels k = avx512vbmi2::format_kernels(v);
-        if (cpu_has_vnni()) k.decode_q8 = avx512vnni::decode_q8(v);
+        if (cpu_has_avx512_vnni()) k.decode_q8 = avx512vnni::decode_q8(v);
         return k;
       }
       return avx2::format_kernels(v);
@@ -65,11 +53,6 @@ DecodeFn dense_decode_fn(DType dtype, Isa isa) {
   return generic::linear_kernels(dtype).decode;
 }
 
-// As linear.cc: small calls stay on one thread; decode chunks are multiples of 16 rows (whole
-// cache lines of y for each thread), about 4 per thread, claimed dynamically.
-constexpr int64_t kMinParallelWeights = int64_t{1} << 15;
-constexpr int64_t kDecodeRowAlign = 16;
-constexpr int64_t kDecodeChunksPerThread = 1;
 // Prefill dequantizes at most this many weights (16 MiB of f32) per GEMM call.
 constexpr int64_t kPrefillPanelWeights = int64_t{1} << 22;
 
@@ -99,28 +82,9 @@ const float* permuted_input(const PackedView& v, const float* x, int64_t& ldx, i
   return xp;
 }
 
-int64_t decode_step(int64_t rows, int64_t chunks) {
-  return ((rows + chunks - 1) / chunks + kDecodeRowAlign - 1) / kDecodeRowAlign * kDecodeRowAlign;
-}
-
-// fn(r0, r1) over the rows, split across the pool.
-template <class F>
-void split_rows(const PackedView& v, ThreadPool& pool, F&& fn) {
-  const int64_t rows = v.rows;
-  if (pool.size() == 1 || rows * v.cols < kMinParallelWeights) {
-    fn(int64_t{0}, rows);
-    return;
-  }
-  const int64_t max_chunks = (rows + kDecodeRowAlign - 1) / kDecodeRowAlign;
-  const int64_t step =
-      decode_step(rows, std::min<int64_t>(pool.size() * kDecodeChunksPerThread, max_chunks));
-  pool.run((rows + step - 1) / step,
-           [&](int64_t c) { fn(c * step, std::min(rows, (c + 1) * step)); });
-}
-
 void decode(const FormatKernels& kn, const PackedView& v, const float* x, int64_t ldx,
             int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool) {
-  split_rows(v, pool, [&](int64_t r0, int64_t r1) {
+  split_decode_rows(v.rows, v.cols, pool, [&](int64_t r0, int64_t r1) {
     kn.decode(v, x, ldx, n_tokens, y, ldy, r0, r1);
   });
 }
@@ -184,7 +148,7 @@ void decode_q8(const FormatKernels& kn, const PackedView& v, const float* x, int
                int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool) {
   const QuantizedScratch s = quantize(x, ldx, n_tokens, v.cols, n_tokens * q8_groups(v));
   const QuantizedInput in = with_group_sums(s, v, n_tokens, s.group_sums);
-  split_rows(v, pool, [&](int64_t r0, int64_t r1) {
+  split_decode_rows(v.rows, v.cols, pool, [&](int64_t r0, int64_t r1) {
     kn.decode_q8(v, in, n_tokens, y, ldy, r0, r1);
   });
 }
@@ -264,10 +228,9 @@ void linear(const PackedWeight& w, const float* x, int64_t ldx, int64_t n_tokens
 
 void linear_many(const PackedLinearOutput* outs, int count, const float* x, int64_t ldx,
                  int64_t n_tokens, ThreadPool& pool) {
-  constexpr int kMaxOutputs = 8;
   const Isa isa = active_isa();
   const DecodeInput input = decode_input();
-  bool together = n_tokens > 0 && n_tokens <= kDecodeMaxTokens && count <= kMaxOutputs &&
+  bool together = n_tokens > 0 && n_tokens <= kDecodeMaxTokens && count <= kMaxManyOutputs &&
                   pool.size() > 1;
   for (int i = 0; i < count; ++i) {
     SPARSA_CHECK(outs[i].weight != nullptr, "linear_many: output {} has no weight", i);
@@ -280,11 +243,9 @@ void linear_many(const PackedLinearOutput* outs, int count, const float* x, int6
       linear_isa(isa, *outs[i].weight, x, ldx, n_tokens, outs[i].y, outs[i].ldy, pool);
     return;
   }
-  FormatKernels kn[kMaxOutputs];
-  DecodeFn dense[kMaxOutputs];
-  int64_t first_chunk[kMaxOutputs + 1];
-  int64_t step[kMaxOutputs];
-  int64_t total_rows = 0;
+  FormatKernels kn[kMaxManyOutputs];
+  DecodeFn dense[kMaxManyOutputs];
+  int64_t rows[kMaxManyOutputs];
   // The int8 input is quantized once for the outputs of the first such output's width.
   int64_t q8_cols = 0, group_floats = 0;
   for (int i = 0; i < count; ++i) {
@@ -299,9 +260,9 @@ void linear_many(const PackedLinearOutput* outs, int count, const float* x, int6
         group_floats += n_tokens * q8_groups(v);
       }
     }
-    total_rows += v.rows;
+    rows[i] = v.rows;
   }
-  QuantizedInput q8[kMaxOutputs];
+  QuantizedInput q8[kMaxManyOutputs];
   if (q8_cols > 0) {
     const QuantizedScratch s = quantize(x, ldx, n_tokens, q8_cols, group_floats);
     float* sums = s.group_sums;
@@ -311,22 +272,9 @@ void linear_many(const PackedLinearOutput* outs, int count, const float* x, int6
         sums += n_tokens * q8[i].n_groups;
       }
   }
-  // Chunks of about total_rows / (threads · kDecodeChunksPerThread) rows, cut per output.
-  const int64_t target = std::max<int64_t>(
-      kDecodeRowAlign, total_rows / (pool.size() * kDecodeChunksPerThread) / kDecodeRowAlign *
-                           kDecodeRowAlign);
-  first_chunk[0] = 0;
-  for (int i = 0; i < count; ++i) {
-    const int64_t rows = outs[i].weight->rows();
-    step[i] = decode_step(rows, std::max<int64_t>(1, (rows + target / 2) / target));
-    first_chunk[i + 1] = first_chunk[i] + (rows + step[i] - 1) / step[i];
-  }
-  pool.run(first_chunk[count], [&](int64_t c) {
-    int i = 0;
-    while (c >= first_chunk[i + 1]) ++i;
+  split_decode_outputs(rows, count, pool, [&](int i, int64_t r0, int64_t r1) {
     const PackedLinearOutput& o = outs[i];
     const PackedView& v = o.weight->view();
-    const int64_t r0 = (c - first_chunk[i]) * step[i], r1 = std::min(v.rows, r0 + step[i]);
     if (dense[i] != nullptr) {
       dense[i](dense_of(v), x, ldx, n_tokens, o.y, o.ldy, r0, r1);
     } else if (kn[i].decode_q8 != nullptr) {

@@ -337,19 +337,36 @@ void quantize_activations_int8(const float* x, int64_t n, int64_t dim, float* ou
   }
 }
 
+void rope_angles(const float* inv_freq, int64_t half, int64_t position, float* cos, float* sin) {
+  const float pos = static_cast<float>(position);
+  for (int64_t i = 0; i < half; ++i) {
+    const float a = pos * inv_freq[i];
+    cos[i] = std::cos(a);
+    sin[i] = std::sin(a);
+  }
+}
+
 // Rotary embedding, rotate-half convention (HF Llama): the pair is (x[i], x[i + d/2]).
 void apply_rope(float* x, int64_t ld, int64_t n, int64_t heads, int64_t hd, const float* cos,
-                const float* sin) {
+                const float* sin, bool inverse) {
   const int64_t half = hd / 2;
   for (int64_t t = 0; t < n; ++t) {
     const float* c = cos + t * half;
     const float* s = sin + t * half;
     for (int64_t h = 0; h < heads; ++h) {
       float* v = x + t * ld + h * hd;
-      for (int64_t i = 0; i < half; ++i) {
-        const float a = v[i], b = v[i + half];
-        v[i] = a * c[i] - b * s[i];
-        v[i + half] = b * c[i] + a * s[i];
+      if (inverse) {
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          v[i] = a * c[i] + b * s[i];
+          v[i + half] = b * c[i] - a * s[i];
+        }
+      } else {
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = v[i], b = v[i + half];
+          v[i] = a * c[i] - b * s[i];
+          v[i + half] = b * c[i] + a * s[i];
+        }
       }
     }
   }
@@ -536,15 +553,9 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
   ws.reserve(c, n);
   float *xn = ws.xn.data(), *q = ws.q.data(), *attn = ws.attn.data();
   float *gate = ws.gate.data(), *up = ws.up.data();
-  for (int64_t t = 0; t < n; ++t) {
-    // HF: freqs = position (f32) * inv_freq (f32), then cos/sin in f32.
-    const float pos = static_cast<float>(pos0 + t);
-    for (int64_t i = 0; i < half; ++i) {
-      const float a = pos * inv_freq[static_cast<size_t>(i)];
-      ws.cos[static_cast<size_t>(t * half + i)] = std::cos(a);
-      ws.sin[static_cast<size_t>(t * half + i)] = std::sin(a);
-    }
-  }
+  for (int64_t t = 0; t < n; ++t)
+    rope_angles(inv_freq.data(), half, pos0 + t, ws.cos.data() + t * half,
+                ws.sin.data() + t * half);
   auto run_linear = [&](const char* tag, const Linear& l, const float* in, int64_t ldin, float* out,
                         int64_t ldout) {
     if (hook) hook(layer, tag, in, n);

@@ -104,11 +104,8 @@ void forward_batch(const Model& model, std::span<const BatchSequence> seqs, Batc
       const int64_t pos = s.cache->size() + static_cast<int64_t>(i);
       ws.pos[static_cast<size_t>(row)] = pos;
       embed_row(model.embedding(), s.tokens[i], h, x + row * h);
-      for (int64_t j = 0; j < half; ++j) {
-        const float a = static_cast<float>(pos) * inv_freq[static_cast<size_t>(j)];
-        ws.cos[static_cast<size_t>(row * half + j)] = std::cos(a);
-        ws.sin[static_cast<size_t>(row * half + j)] = std::sin(a);
-      }
+      rope_angles(inv_freq.data(), half, pos, ws.cos.data() + row * half,
+                  ws.sin.data() + row * half);
     }
   }
 

@@ -11,6 +11,8 @@
 #include <cstring>
 #include <vector>
 
+#include "sparsa/model/llama.h"
+
 namespace sparsa::train::ops {
 
 namespace {
@@ -137,40 +139,22 @@ void matmul_backward(float* din, float* dw, float* dbias, const float* dout, con
 }
 
 void rope_tables(float* cos, float* sin, const float* inv_freq, int64_t t, int64_t half) {
-  for (int64_t p = 0; p < t; ++p) {
-    const float pos = static_cast<float>(p);
-    for (int64_t i = 0; i < half; ++i) {
-      const float a = pos * inv_freq[i];
-      cos[p * half + i] = std::cos(a);
-      sin[p * half + i] = std::sin(a);
-    }
-  }
+  for (int64_t p = 0; p < t; ++p)
+    model::rope_angles(inv_freq, half, p, cos + p * half, sin + p * half);
 }
 
 namespace {
 
-template <bool kInverse>
-void rope_rotate(float* x, const float* cos, const float* sin, int64_t b, int64_t t,
-                 int64_t heads, int64_t hd, ThreadPool& pool) {
+// Rows [begin, end) of x [b · t, heads · hd], cut where a sequence ends (row r is at position
+// r mod t).
+void rope_rows(float* x, const float* cos, const float* sin, int64_t b, int64_t t,
+               int64_t heads, int64_t hd, bool inverse, ThreadPool& pool) {
   const int64_t half = hd / 2, ld = heads * hd;
   pool.parallel_for(b * t, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t p = row % t;
-      const float* cs = cos + p * half;
-      const float* sn = sin + p * half;
-      for (int64_t h = 0; h < heads; ++h) {
-        float* v = x + row * ld + h * hd;
-        for (int64_t i = 0; i < half; ++i) {
-          const float a = v[i], bb = v[i + half];
-          if constexpr (kInverse) {
-            v[i] = a * cs[i] + bb * sn[i];
-            v[i + half] = bb * cs[i] - a * sn[i];
-          } else {
-            v[i] = a * cs[i] - bb * sn[i];
-            v[i + half] = bb * cs[i] + a * sn[i];
-          }
-        }
-      }
+    for (int64_t row = begin; row < end;) {
+      const int64_t p = row % t, n = std::min(end - row, t - p);
+      model::apply_rope(x + row * ld, ld, n, heads, hd, cos + p * half, sin + p * half, inverse);
+      row += n;
     }
   });
 }
@@ -179,12 +163,12 @@ void rope_rotate(float* x, const float* cos, const float* sin, int64_t b, int64_
 
 void rope_forward(float* x, const float* cos, const float* sin, int64_t b, int64_t t,
                   int64_t heads, int64_t hd, ThreadPool& pool) {
-  rope_rotate<false>(x, cos, sin, b, t, heads, hd, pool);
+  rope_rows(x, cos, sin, b, t, heads, hd, false, pool);
 }
 
 void rope_backward(float* dx, const float* cos, const float* sin, int64_t b, int64_t t,
                    int64_t heads, int64_t hd, ThreadPool& pool) {
-  rope_rotate<true>(dx, cos, sin, b, t, heads, hd, pool);
+  rope_rows(dx, cos, sin, b, t, heads, hd, true, pool);
 }
 
 void attention_forward(float* out, float* att, const float* q, const float* k, const float* v,

@@ -17,6 +17,10 @@ Isa active_isa();
 /// Overrides active_isa() for the rest of the process (tests); throws if the CPU lacks it.
 void set_active_isa(Isa isa);
 std::string_view isa_name(Isa isa);
+/// AVX-512 VBMI and VBMI2 (byte permutes and expand: the packed formats' AVX-512 kernels).
+bool cpu_has_avx512_vbmi2();
+/// The above plus AVX-512 VNNI (the int8-input decode kernels).
+bool cpu_has_avx512_vnni();
 /// Parses "generic", "avx2", "avx512"; throws sparsa::Error on anything else.
 Isa parse_isa(std::string_view name);
 

@@ -147,10 +147,15 @@ void block_forward(const io::ModelConfig& config, const Block& block, int64_t la
                    float* k_cache, float* v_cache, BlockWorkspace& ws, const LinearInputHook& hook,
                    ThreadPool& pool);
 
+/// The rotary angles of one position: cos[i], sin[i] of position · inv_freq[i] for i < half
+/// (the product in f32, as HF computes it).
+void rope_angles(const float* inv_freq, int64_t half, int64_t position, float* cos, float* sin);
+
 /// Rotary embedding (rotate-half, as HF Llama) of `heads` heads of width hd in each of n rows of
-/// x (row stride ld); cos, sin: [n, hd / 2].
+/// x (row stride ld); cos, sin: [n, hd / 2]. `inverse` applies the transposed rotation (the
+/// backward pass: the gradient of the output becomes that of the input).
 void apply_rope(float* x, int64_t ld, int64_t n, int64_t heads, int64_t hd, const float* cos,
-                const float* sin);
+                const float* sin, bool inverse = false);
 
 /// y[t] += bias for n rows of stride ld; nothing when bias is empty.
 void add_bias(float* y, int64_t ld, int64_t n, const std::vector<float>& bias);
