@@ -165,10 +165,40 @@ float softmax_row(float* s, int64_t len) {
   return 1.0f / total;
 }
 
+// A decode step (one query per head): s[r * lds + j] = scale · q_r · k_j for j < nk, each key
+// row read in place (no packed Kᵀ); L keys at a time, their L dot-product vectors summed into
+// one vector by V::sum_lanes. Needs V::sum_lanes and d a multiple of kLanes.
+template <class V>
+void decode_scores(int rows, int d, const float* const* qr, const float* k, int64_t ldk,
+                   int64_t nk, float* s, int64_t lds, float scale) {
+  using Reg = typename V::Reg;
+  constexpr int L = V::kLanes;
+  const Reg sc = V::set1(scale);
+  for (int64_t j = 0; j < nk; j += L) {
+    const int nj = nk - j < L ? static_cast<int>(nk - j) : L;
+    for (int r = 0; r < rows; ++r) {
+      Reg acc[L];
+      for (int i = 0; i < L; ++i) acc[i] = V::zero();
+      for (int dd = 0; dd < d; dd += L) {
+        const Reg qv = V::load(qr[r] + dd);
+        for (int i = 0; i < nj; ++i)
+          acc[i] = V::fmadd(qv, V::load(k + (j + i) * ldk + dd), acc[i]);
+      }
+      const Reg sum = V::mul(V::sum_lanes(acc), sc);
+      if (nj == L) {
+        V::store(s + r * lds + j, sum);
+      } else {
+        V::store_partial(s + r * lds + j, sum, nj);
+      }
+    }
+  }
+}
+
 template <class V, int SR, int SV, int OR, int OV>
 void attention_task(const AttentionShape& s, int hk, int64_t i0, int64_t i1, const float* q,
                     int64_t ldq, const float* k, const float* v, int64_t ldkv, float* out,
                     int64_t ldo) {
+  using Reg = typename V::Reg;
   constexpr int L = V::kLanes;
   constexpr int NRS = SV * L;
   static_assert(kKeyBlock % NRS == 0);
@@ -186,7 +216,16 @@ void attention_task(const AttentionShape& s, int hk, int64_t i0, int64_t i1, con
   float* qp = thread_scratch(Scratch::kQueries, static_cast<size_t>(tiles) * SR * d);
   float* kt = thread_scratch(Scratch::kKeys, static_cast<size_t>(d) * kKeyBlock);
 
-  for (int t = 0; t < tiles; ++t)  // qp: [tiles][d][SR]
+  bool direct = false;
+  if constexpr (requires(Reg* r) { V::sum_lanes(r); }) {
+    direct = i1 - i0 == 1 && d % L == 0 && rows <= SR;
+    if (direct) {
+      const float* qr[SR];
+      for (int r = 0; r < rows; ++r) qr[r] = q + row_offset(r, ldq);
+      decode_scores<V>(rows, d, qr, k + hk * d, ldkv, nk, sc, lds, s.scale);
+    }
+  }
+  for (int t = 0; t < tiles && !direct; ++t)  // qp: [tiles][d][SR]
     for (int i = 0; i < SR; ++i) {
       const int r = t * SR + i;
       float* dst = qp + static_cast<int64_t>(t) * d * SR + i;
@@ -198,7 +237,7 @@ void attention_task(const AttentionShape& s, int hk, int64_t i0, int64_t i1, con
       }
     }
 
-  for (int64_t kb = 0; kb < nk; kb += kKeyBlock) {
+  for (int64_t kb = 0; kb < nk && !direct; kb += kKeyBlock) {
     const int nkb = static_cast<int>(nk - kb < kKeyBlock ? nk - kb : kKeyBlock);
     pack_keys_t<V>(k + kb * ldkv + hk * d, ldkv, nkb, static_cast<int>(round_up(nkb, NRS)), d, kt,
                    kKeyBlock);

@@ -77,6 +77,23 @@ struct Vec {
     }
   }
 
+  // Lane i of the result = the sum of r[i]'s lanes: pairs summed within 128-bit lanes, then
+  // quads, then across lanes (45 operations for 16 vectors, against 64 for a transpose).
+  static Reg sum_lanes(const Reg* r) {
+    Reg a[8], b[4];
+    for (int i = 0; i < 8; ++i)  // a[i]: (r[2i], r[2i+1]) interleaved, partial sums
+      a[i] = _mm512_add_ps(_mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]),
+                           _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]));
+    for (int i = 0; i < 4; ++i)  // b[i]: each 128-bit lane holds r[4i .. 4i+3]'s lane sums
+      b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44),
+                           _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+    const Reg c0 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88),
+                                 _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+    const Reg c1 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88),
+                                 _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(c0, c1, 0x88), _mm512_shuffle_f32x4(c0, c1, 0xDD));
+  }
+
   // In-place 16 × 16 transpose: pairs, quads within 128-bit lanes, then lanes across registers.
   static void transpose(Reg* r) {
     Reg t[16];
