@@ -112,6 +112,22 @@ TEST_F(CliTest, BenchReportsTheContractKeys) {
   EXPECT_EQ(j["weight_bytes_per_token"].get<int64_t>(), 2 * (2 * per_layer + 8192 * 128) + 2 * 128);
   // f32 keys and values of 2 layers x 64 kv features, over 16 + (4 + 1) / 2 positions on average.
   EXPECT_EQ(j["kv_bytes_per_token"].get<int64_t>(), static_cast<int64_t>(2 * 2 * 64 * 4 * 18.5));
+  EXPECT_EQ(j["weights_in"], "mmap");
+}
+
+TEST_F(CliTest, NoMmapReadsTheWeightsAndGivesTheSameText) {
+  const std::string gen = "generate " + quote(testing::tiny_model_dir()) +
+                          " -p 'Once upon a time' -n 12 --threads 2 --json";
+  const CliRun mapped = run(gen);
+  const CliRun read = run(gen + " --no-mmap");
+  ASSERT_EQ(mapped.code, 0) << mapped.out;
+  ASSERT_EQ(read.code, 0) << read.out;
+  EXPECT_EQ(json::parse(read.out)["ids"], json::parse(mapped.out)["ids"]);
+  const CliRun b = run("bench " + quote(testing::tiny_model_dir()) +
+                       " --no-mmap --threads 1 --prompt-tokens 4 --decode-tokens 2 "
+                       "--repetitions 1 --bandwidth-mb 16 --json");
+  ASSERT_EQ(b.code, 0) << b.out;
+  EXPECT_EQ(json::parse(b.out)["weights_in"], "read (huge pages)");
 }
 
 TEST_F(CliTest, InitRandomWritesALoadableCheckpoint) {

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <nlohmann/json.hpp>
 
 #include "sparsa/core/error.h"
@@ -110,6 +111,21 @@ TEST(ModelTiny, IncrementalDecodeEqualsFullForward) {
       ASSERT_NEAR(step[static_cast<size_t>(v)], full[i * static_cast<size_t>(vocab) + static_cast<size_t>(v)], 1e-4)
           << "position " << i;
   }
+}
+
+TEST(ModelTiny, WeightsReadIntoMemoryGiveTheSameLogitsAsMapped) {
+  model::LoadOptions read_opt;
+  read_opt.file_access = FileAccess::kRead;
+  auto mapped = model::Model::load(testing::tiny_model_dir());
+  auto read = model::Model::load(testing::tiny_model_dir(), read_opt);
+  ThreadPool pool(2);
+  const std::vector<int32_t> ids = {0, 645, 838, 3757, 6198, 343, 201, 1351, 264, 2227};
+  const size_t n = ids.size() * static_cast<size_t>(mapped->config().vocab_size);
+  std::vector<float> a(n), b(n);
+  model::KvCache ca(mapped->config(), 16), cb(read->config(), 16);
+  mapped->forward(ids, ca, a.data(), true, pool);
+  read->forward(ids, cb, b.data(), true, pool);
+  EXPECT_EQ(std::memcmp(a.data(), b.data(), n * sizeof(float)), 0);
 }
 
 TEST(ModelTiny, PromptLongerThanContextIsRejected) {

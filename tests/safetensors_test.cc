@@ -126,6 +126,24 @@ TEST(SafetensorsTiny, TensorDataPointsIntoTheMapping) {
   EXPECT_EQ(f->tensors().back().data + f->tensors().back().nbytes, end);
 }
 
+TEST(SafetensorsTiny, ReadModeHoldsTheSameBytesOnA2MiBBoundary) {
+  const std::string path = sparsa::testing::tiny_model_dir() + "/model.safetensors";
+  const auto mapped = SafetensorsFile::open(path, FileAccess::kMap);
+  const auto read = SafetensorsFile::open(path, FileAccess::kRead);
+  EXPECT_EQ(mapped->mapping().access(), FileAccess::kMap);
+  EXPECT_EQ(read->mapping().access(), FileAccess::kRead);
+  const uint8_t* begin = read->mapping().data();
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(begin) % (uintptr_t{2} << 20), 0u);
+  ASSERT_EQ(read->mapping().size(), mapped->mapping().size());
+  EXPECT_EQ(std::memcmp(begin, mapped->mapping().data(), read->mapping().size()), 0);
+  ASSERT_EQ(read->tensors().size(), mapped->tensors().size());
+  for (size_t i = 0; i < read->tensors().size(); ++i) {
+    const TensorView& t = read->tensors()[i];
+    EXPECT_EQ(t.name, mapped->tensors()[i].name);
+    EXPECT_EQ(t.data - begin, mapped->tensors()[i].data - mapped->mapping().data()) << t.name;
+  }
+}
+
 TEST(CheckpointTiny, OpenDirFindsTheSingleFile) {
   const std::string dir = sparsa::testing::tiny_model_dir();
   const Checkpoint c = Checkpoint::open_dir(dir);
@@ -424,6 +442,8 @@ TEST_P(SafetensorsCorrupt, OpenThrowsNamingFileAndFault) {
   phrases.insert(phrases.begin(), path + ": ");
   expect_error([&] { SafetensorsFile::open(path); }, phrases);
   expect_error([&] { Checkpoint::open_file(path); }, phrases);
+  // Read into memory instead of mapped: the same checks, the same messages.
+  expect_error([&] { SafetensorsFile::open(path, FileAccess::kRead); }, phrases);
 }
 
 INSTANTIATE_TEST_SUITE_P(SafetensorsCorrupt, SafetensorsCorrupt,

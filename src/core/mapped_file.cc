@@ -15,7 +15,7 @@
 
 namespace sparsa {
 
-std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
+std::shared_ptr<MappedFile> MappedFile::open(const std::string& path, FileAccess access) {
   const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   SPARSA_CHECK(fd >= 0, "{}: cannot open: {}", path, std::strerror(errno));
   struct stat st {};
@@ -31,7 +31,8 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
   std::shared_ptr<MappedFile> f(new MappedFile());
   f->path_ = path;
   f->size_ = static_cast<size_t>(st.st_size);
-  if (f->size_ > 0) {
+  f->access_ = access;
+  if (f->size_ > 0 && access == FileAccess::kMap) {
     void* p = ::mmap(nullptr, f->size_, PROT_READ, MAP_PRIVATE, fd, 0);
     if (p == MAP_FAILED) {
       const int e = errno;
@@ -39,13 +40,47 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path) {
       fail("{}: cannot mmap {} bytes: {}", path, f->size_, std::strerror(e));
     }
     f->data_ = static_cast<const uint8_t*>(p);
+    f->mapped_ = f->size_;
+  } else if (f->size_ > 0) {
+    // Anonymous memory on a 2 MiB boundary, so that the kernel can back it with huge pages.
+    constexpr size_t kHuge = size_t{2} << 20;
+    const size_t len = (f->size_ + kHuge - 1) / kHuge * kHuge;
+    void* p = ::mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
+                     -1, 0);
+    if (p == MAP_FAILED) {
+      const int e = errno;
+      ::close(fd);
+      fail("{}: cannot allocate {} bytes to read it into: {}", path, len, std::strerror(e));
+    }
+    // Trim the over-allocation to the aligned range.
+    auto* raw = static_cast<uint8_t*>(p);
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(raw);
+    uint8_t* aligned = raw + ((kHuge - addr % kHuge) % kHuge);
+    if (aligned > raw) ::munmap(raw, static_cast<size_t>(aligned - raw));
+    const size_t tail = static_cast<size_t>(raw + len + kHuge - (aligned + len));
+    if (tail > 0) ::munmap(aligned + len, tail);
+    f->data_ = aligned;  // owned by f from here on: freed by the destructor on any error below
+    f->mapped_ = len;
+    ::madvise(aligned, len, MADV_HUGEPAGE);
+    size_t done = 0;
+    while (done < f->size_) {
+      const ssize_t n = ::pread(fd, aligned + done, f->size_ - done, static_cast<off_t>(done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0) {
+        const int e = n < 0 ? errno : 0;
+        ::close(fd);
+        fail("{}: read {} of {} bytes: {}", path, done, f->size_,
+             e != 0 ? std::strerror(e) : "the file ended early");
+      }
+      done += static_cast<size_t>(n);
+    }
   }
   ::close(fd);
   return f;
 }
 
 MappedFile::~MappedFile() {
-  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), size_);
+  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), mapped_);
 }
 
 std::string read_text_file(const std::string& path) {

@@ -152,9 +152,10 @@ size_t TensorSpec::nbytes() const {
   return static_cast<size_t>(n);
 }
 
-std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path) {
+std::shared_ptr<SafetensorsFile> SafetensorsFile::open(const std::string& path,
+                                                       FileAccess access) {
   auto st = std::make_shared<SafetensorsFile>();
-  st->file_ = MappedFile::open(path);
+  st->file_ = MappedFile::open(path, access);
   const uint8_t* base = st->file_->data();
   const uint64_t size = st->file_->size();
 
@@ -293,19 +294,19 @@ const TensorView* SafetensorsFile::find(const std::string& name) const {
   return it == index_.end() ? nullptr : &tensors_[it->second];
 }
 
-Checkpoint Checkpoint::open_file(const std::string& path) {
+Checkpoint Checkpoint::open_file(const std::string& path, FileAccess access) {
   Checkpoint c;
   c.source_ = path;
-  c.files_.push_back(SafetensorsFile::open(path));
+  c.files_.push_back(SafetensorsFile::open(path, access));
   for (const TensorView& t : c.files_[0]->tensors()) c.by_name_.emplace(t.name, &t);
   return c;
 }
 
-Checkpoint Checkpoint::open_dir(const std::string& dir) {
+Checkpoint Checkpoint::open_dir(const std::string& dir, FileAccess access) {
   const fs::path d(dir);
   std::error_code ec;
   if (fs::exists(d / kSingleName, ec)) {
-    Checkpoint c = open_file((d / kSingleName).string());
+    Checkpoint c = open_file((d / kSingleName).string(), access);
     c.source_ = dir;
     return c;
   }
@@ -337,7 +338,7 @@ Checkpoint Checkpoint::open_dir(const std::string& dir) {
     const std::string shard_path = (d / file).string();
     SPARSA_CHECK(fs::is_regular_file(shard_path, ec),
                  "{}: shard '{}' listed in the index is missing", index_path, shard_path);
-    auto f = SafetensorsFile::open(shard_path);
+    auto f = SafetensorsFile::open(shard_path, access);
     for (const std::string& name : names) {
       SPARSA_CHECK(f->find(name) != nullptr,
                    "{}: tensor '{}' is missing from its shard (the index {} names it)", shard_path,

@@ -427,7 +427,7 @@ std::unique_ptr<Model> Model::load(const std::string& dir, LoadOptions options) 
     options.linear = LinearPath::kReference;
   m->linear_path_ = options.linear;
   m->config_ = io::ModelConfig::from_dir(dir);
-  m->checkpoint_ = io::Checkpoint::open_dir(dir);
+  m->checkpoint_ = io::Checkpoint::open_dir(dir, options.file_access);
   m->compression_ = io::read_compression_config(
       nlohmann::json::parse(read_text_file(dir + "/config.json")), dir + "/config.json");
   const io::ModelConfig& c = m->config_;

@@ -11,10 +11,22 @@
 
 namespace sparsa {
 
+/// How a file's bytes reach memory.
+enum class FileAccess : uint8_t {
+  /// mmap of the file: nothing is copied; pages come from the page cache as they are touched.
+  kMap,
+  /// Read into anonymous memory aligned to 2 MiB and advised for transparent huge pages (like
+  /// llama.cpp's --no-mmap): costs a copy and the file's size in RAM, but streaming reads of the
+  /// weights cross far fewer page (TLB) boundaries.
+  kRead,
+};
+
 class MappedFile {
  public:
-  /// Maps `path`; throws sparsa::Error naming the file when it cannot be opened or mapped.
-  static std::shared_ptr<MappedFile> open(const std::string& path);
+  /// Maps or reads `path`; throws sparsa::Error naming the file when it cannot be opened, mapped
+  /// or read in full.
+  static std::shared_ptr<MappedFile> open(const std::string& path,
+                                          FileAccess access = FileAccess::kMap);
   ~MappedFile();
   MappedFile(const MappedFile&) = delete;
   MappedFile& operator=(const MappedFile&) = delete;
@@ -22,12 +34,15 @@ class MappedFile {
   const uint8_t* data() const { return data_; }
   size_t size() const { return size_; }
   const std::string& path() const { return path_; }
+  FileAccess access() const { return access_; }
 
  private:
   MappedFile() = default;
   std::string path_;
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
+  size_t mapped_ = 0;  // bytes of the mapping (kRead rounds the size up to 2 MiB)
+  FileAccess access_ = FileAccess::kMap;
 };
 
 /// Reads a whole (small) file into a string; throws naming the file on failure.

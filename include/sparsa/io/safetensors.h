@@ -42,7 +42,8 @@ struct TensorView {
 /// exactly (no gap, no overlap), overflow-safe arithmetic. Errors name the file and the tensor.
 class SafetensorsFile {
  public:
-  static std::shared_ptr<SafetensorsFile> open(const std::string& path);
+  static std::shared_ptr<SafetensorsFile> open(const std::string& path,
+                                               FileAccess access = FileAccess::kMap);
 
   const std::string& path() const { return file_->path(); }
   /// Tensors in file order (ascending offset).
@@ -65,9 +66,9 @@ class SafetensorsFile {
 /// the shard the index names, no tensor may appear twice).
 class Checkpoint {
  public:
-  static Checkpoint open_dir(const std::string& dir);
+  static Checkpoint open_dir(const std::string& dir, FileAccess access = FileAccess::kMap);
   /// A single file, for tools and tests.
-  static Checkpoint open_file(const std::string& path);
+  static Checkpoint open_file(const std::string& path, FileAccess access = FileAccess::kMap);
 
   /// Throws sparsa::Error "missing tensor NAME in DIR" when absent.
   const TensorView& get(const std::string& name) const;

@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "sparsa/core/mapped_file.h"
 #include "sparsa/core/thread_pool.h"
 #include "sparsa/formats/packed_weight.h"
 #include "sparsa/io/compressed_tensors.h"
@@ -66,6 +67,9 @@ enum class LinearPath : uint8_t {
 struct LoadOptions {
   /// kPacked unless the environment sets SPARSA_REFERENCE_LINEAR=1 (then kReference).
   LinearPath linear = LinearPath::kPacked;
+  /// kMap: float weights are used in place from the mapped files. kRead: the files are read into
+  /// huge-page-backed memory first (a user's --no-mmap).
+  FileAccess file_access = FileAccess::kMap;
 };
 
 /// A linear layer: y = x Wᵀ + b.
