@@ -17,6 +17,7 @@
 #include "sparsa/model/llama.h"
 #include "sparsa/runtime/perplexity.h"
 #include "sparsa/runtime/tokenizer.h"
+#include "logits_util.h"
 #include "test_util.h"
 
 namespace sparsa::compress {
@@ -61,21 +62,12 @@ TEST_P(ReloadTest, ReloadedCheckpointGivesBitIdenticalLogits) {
   // The dequantized reference path: the same f32 weights and kernels as the pipeline (the packed
   // engine sums in another order for act-order and low-rank weights; packed_model_test.cc).
   auto model = model::Model::load(out, {.linear = model::LinearPath::kReference});
-  const int64_t n = static_cast<int64_t>(r.probe_tokens.size());
-  const int64_t vocab = model->config().vocab_size;
-  ASSERT_EQ(r.probe_logits.size(), static_cast<size_t>(n * vocab));
-  model::KvCache cache(model->config(), n);
-  std::vector<float> logits(static_cast<size_t>(n * vocab));
-  model->forward(r.probe_tokens, cache, logits.data(), true, pool);
-  size_t differ = 0;
-  for (size_t i = 0; i < logits.size(); ++i) differ += logits[i] != r.probe_logits[i];
+  const std::vector<float> logits = testing::all_logits(*model, r.probe_tokens, pool);
+  const size_t differ = testing::count_differing(logits, r.probe_logits);
   EXPECT_EQ(differ, 0u) << recipe << ": " << differ << " of " << logits.size() << " logits differ";
   // The uncompressed model's logits differ: the test would notice a pipeline that did nothing.
   auto dense = model::Model::load(testing::tiny_model_dir());
-  model::KvCache c2(dense->config(), n);
-  std::vector<float> dense_logits(logits.size());
-  dense->forward(r.probe_tokens, c2, dense_logits.data(), true, pool);
-  EXPECT_NE(dense_logits, logits);
+  EXPECT_NE(testing::all_logits(*dense, r.probe_tokens, pool), logits);
   EXPECT_TRUE(fs::exists(out + "/recipe.yaml"));
   EXPECT_TRUE(fs::exists(out + "/tokenizer.json"));
   fs::remove_all(out);

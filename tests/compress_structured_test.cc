@@ -24,6 +24,7 @@
 #include "sparsa/core/mapped_file.h"
 #include "sparsa/io/safetensors.h"
 #include "sparsa/model/llama.h"
+#include "logits_util.h"
 #include "test_util.h"
 
 namespace sparsa::compress {
@@ -340,14 +341,8 @@ TEST_P(StructuredTiny, WritesASmallerStandardModelThatReloadsBitIdentically) {
   EXPECT_EQ(model->config().num_heads, 2);
   EXPECT_EQ(model->config().num_kv_heads, 1);
   EXPECT_EQ(model->config().intermediate_size, 288);
-  const int64_t n = static_cast<int64_t>(r.probe_tokens.size());
-  const int64_t vocab = model->config().vocab_size;
-  ASSERT_EQ(r.probe_logits.size(), static_cast<size_t>(n * vocab));
-  model::KvCache cache(model->config(), n);
-  std::vector<float> logits(static_cast<size_t>(n * vocab));
-  model->forward(r.probe_tokens, cache, logits.data(), true, pool);
-  size_t differ = 0;
-  for (size_t i = 0; i < logits.size(); ++i) differ += logits[i] != r.probe_logits[i];
+  const std::vector<float> logits = testing::all_logits(*model, r.probe_tokens, pool);
+  const size_t differ = testing::count_differing(logits, r.probe_logits);
   EXPECT_EQ(differ, 0u) << differ << " of " << logits.size() << " logits differ";
 
   // `sparsa eval` runs it; pruning a quarter of the MLP and half the heads costs perplexity.
