@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <new>
 #include <sstream>
 
 #include "sparsa/core/error.h"
@@ -40,31 +41,18 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path, FileAccess
       fail("{}: cannot mmap {} bytes: {}", path, f->size_, std::strerror(e));
     }
     f->data_ = static_cast<const uint8_t*>(p);
-    f->mapped_ = f->size_;
   } else if (f->size_ > 0) {
-    // Anonymous memory on a 2 MiB boundary, so that the kernel can back it with huge pages.
-    constexpr size_t kHuge = size_t{2} << 20;
-    const size_t len = (f->size_ + kHuge - 1) / kHuge * kHuge;
-    void* p = ::mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS,
-                     -1, 0);
-    if (p == MAP_FAILED) {
-      const int e = errno;
+    try {
+      f->read_ = allocate_huge_pages(f->size_);
+    } catch (const std::bad_alloc&) {
       ::close(fd);
-      fail("{}: cannot allocate {} bytes to read it into: {}", path, len, std::strerror(e));
+      fail("{}: cannot allocate {} bytes to read it into", path, f->size_);
     }
-    // Trim the over-allocation to the aligned range.
-    auto* raw = static_cast<uint8_t*>(p);
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(raw);
-    uint8_t* aligned = raw + ((kHuge - addr % kHuge) % kHuge);
-    if (aligned > raw) ::munmap(raw, static_cast<size_t>(aligned - raw));
-    const size_t tail = static_cast<size_t>(raw + len + kHuge - (aligned + len));
-    if (tail > 0) ::munmap(aligned + len, tail);
-    f->data_ = aligned;  // owned by f from here on: freed by the destructor on any error below
-    f->mapped_ = len;
-    ::madvise(aligned, len, MADV_HUGEPAGE);
+    uint8_t* dst = f->read_.get();
+    f->data_ = dst;
     size_t done = 0;
     while (done < f->size_) {
-      const ssize_t n = ::pread(fd, aligned + done, f->size_ - done, static_cast<off_t>(done));
+      const ssize_t n = ::pread(fd, dst + done, f->size_ - done, static_cast<off_t>(done));
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0) {
         const int e = n < 0 ? errno : 0;
@@ -80,7 +68,8 @@ std::shared_ptr<MappedFile> MappedFile::open(const std::string& path, FileAccess
 }
 
 MappedFile::~MappedFile() {
-  if (data_ != nullptr) ::munmap(const_cast<uint8_t*>(data_), mapped_);
+  if (access_ == FileAccess::kMap && data_ != nullptr)
+    ::munmap(const_cast<uint8_t*>(data_), size_);
 }
 
 std::string read_text_file(const std::string& path) {

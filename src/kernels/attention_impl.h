@@ -213,9 +213,8 @@ void attention_task(const AttentionShape& s, int hk, int64_t i0, int64_t i1, con
 
   float* sc = thread_scratch(Scratch::kScores, static_cast<size_t>(rows * lds + rows));
   float* inv = sc + rows * lds;  // [rows]
-  float* qp = thread_scratch(Scratch::kQueries, static_cast<size_t>(tiles) * SR * d);
-  float* kt = thread_scratch(Scratch::kKeys, static_cast<size_t>(d) * kKeyBlock);
-
+  // Scores: a decode step (one query position) takes each key row in place; otherwise the
+  // queries and key blocks are packed for the register-tiled score kernel.
   bool direct = false;
   if constexpr (requires(Reg* r) { V::sum_lanes(r); }) {
     direct = i1 - i0 == 1 && d % L == 0 && rows <= SR;
@@ -225,29 +224,32 @@ void attention_task(const AttentionShape& s, int hk, int64_t i0, int64_t i1, con
       decode_scores<V>(rows, d, qr, k + hk * d, ldkv, nk, sc, lds, s.scale);
     }
   }
-  for (int t = 0; t < tiles && !direct; ++t)  // qp: [tiles][d][SR]
-    for (int i = 0; i < SR; ++i) {
-      const int r = t * SR + i;
-      float* dst = qp + static_cast<int64_t>(t) * d * SR + i;
-      if (r < rows) {
-        const float* src = q + row_offset(r, ldq);
-        for (int dd = 0; dd < d; ++dd) dst[dd * SR] = src[dd];
-      } else {
-        for (int dd = 0; dd < d; ++dd) dst[dd * SR] = 0.0f;
+  if (!direct) {
+    float* qp = thread_scratch(Scratch::kQueries, static_cast<size_t>(tiles) * SR * d);
+    float* kt = thread_scratch(Scratch::kKeys, static_cast<size_t>(d) * kKeyBlock);
+    for (int t = 0; t < tiles; ++t)  // qp: [tiles][d][SR]
+      for (int i = 0; i < SR; ++i) {
+        const int r = t * SR + i;
+        float* dst = qp + static_cast<int64_t>(t) * d * SR + i;
+        if (r < rows) {
+          const float* src = q + row_offset(r, ldq);
+          for (int dd = 0; dd < d; ++dd) dst[dd * SR] = src[dd];
+        } else {
+          for (int dd = 0; dd < d; ++dd) dst[dd * SR] = 0.0f;
+        }
       }
-    }
-
-  for (int64_t kb = 0; kb < nk && !direct; kb += kKeyBlock) {
-    const int nkb = static_cast<int>(nk - kb < kKeyBlock ? nk - kb : kKeyBlock);
-    pack_keys_t<V>(k + kb * ldkv + hk * d, ldkv, nkb, static_cast<int>(round_up(nkb, NRS)), d, kt,
-                   kKeyBlock);
-    for (int t = 0; t < tiles; ++t) {
-      const int m = rows - t * SR < SR ? rows - t * SR : SR;
-      const int64_t len = row_len(t * SR + m - 1);
-      const int64_t end = len < kb + nkb ? len : kb + nkb;
-      for (int64_t jb = kb; jb < end; jb += NRS)
-        score_rows<V, SR, SV>(m, d, qp + static_cast<int64_t>(t) * d * SR, kt + (jb - kb),
-                              kKeyBlock, sc + t * SR * lds + jb, lds, s.scale);
+    for (int64_t kb = 0; kb < nk; kb += kKeyBlock) {
+      const int nkb = static_cast<int>(nk - kb < kKeyBlock ? nk - kb : kKeyBlock);
+      pack_keys_t<V>(k + kb * ldkv + hk * d, ldkv, nkb, static_cast<int>(round_up(nkb, NRS)), d,
+                     kt, kKeyBlock);
+      for (int t = 0; t < tiles; ++t) {
+        const int m = rows - t * SR < SR ? rows - t * SR : SR;
+        const int64_t len = row_len(t * SR + m - 1);
+        const int64_t end = len < kb + nkb ? len : kb + nkb;
+        for (int64_t jb = kb; jb < end; jb += NRS)
+          score_rows<V, SR, SV>(m, d, qp + static_cast<int64_t>(t) * d * SR, kt + (jb - kb),
+                                kKeyBlock, sc + t * SR * lds + jb, lds, s.scale);
+      }
     }
   }
 

@@ -1,14 +1,13 @@
 // measure_read_bandwidth(): the roofline that the decode kernels are measured against.
-#include <sys/mman.h>
 
 #include <algorithm>
 #include <chrono>
 #include <memory>
-#include <new>
 #include <vector>
 
 #include "kernels/kernels_internal.h"
 #include "sparsa/core/error.h"
+#include "sparsa/core/huge_pages.h"
 #include "sparsa/kernels/linear.h"
 
 namespace sparsa::kernels {
@@ -17,11 +16,6 @@ namespace {
 
 volatile float g_sink = 0.0f;  // keeps the sums, and so the reads, observable
 
-constexpr size_t kAlign = size_t{2} << 20;  // huge-page aligned, so that THP can back it
-
-struct AlignedDelete {
-  void operator()(float* p) const { ::operator delete[](p, std::align_val_t{kAlign}); }
-};
 
 StreamSumFn stream_sum_for(Isa isa) {
   switch (isa) {
@@ -38,7 +32,8 @@ StreamSumFn stream_sum_for(Isa isa) {
 }  // namespace
 
 struct BandwidthProbe::Buffer {
-  std::unique_ptr<float, AlignedDelete> data;
+  HugePageBuffer bytes;
+  float* data = nullptr;  // bytes, as floats
   int64_t n = 0;
   int64_t tasks = 0;
   int64_t step = 0;
@@ -56,9 +51,8 @@ BandwidthProbe::BandwidthProbe(ThreadPool& pool, size_t bytes) : pool_(pool) {
   buf_ = std::make_unique<Buffer>();
   Buffer& b = *buf_;
   b.n = static_cast<int64_t>((bytes / sizeof(float) + 1023) / 1024 * 1024);
-  const size_t alloc = (static_cast<size_t>(b.n) * sizeof(float) + kAlign - 1) / kAlign * kAlign;
-  b.data.reset(static_cast<float*>(::operator new[](alloc, std::align_val_t{kAlign})));
-  madvise(b.data.get(), alloc, MADV_HUGEPAGE);
+  b.bytes = allocate_huge_pages(static_cast<size_t>(b.n) * sizeof(float));
+  b.data = reinterpret_cast<float*>(b.bytes.get());
   // Slices of whole cache lines, several per thread, claimed dynamically.
   b.tasks = int64_t{8} * pool.size();
   b.step = (b.n + b.tasks - 1) / b.tasks / 16 * 16;
@@ -66,7 +60,7 @@ BandwidthProbe::BandwidthProbe(ThreadPool& pool, size_t bytes) : pool_(pool) {
   pool.run(b.tasks, [&](int64_t t) {
     int64_t begin, len;
     b.slice(t, begin, len);
-    std::fill(b.data.get() + begin, b.data.get() + begin + len, 1.0f);
+    std::fill(b.data + begin, b.data + begin + len, 1.0f);
   });
 }
 
@@ -81,7 +75,7 @@ double BandwidthProbe::sample() {
   pool_.run(b.tasks, [&](int64_t t) {
     int64_t begin, len;
     b.slice(t, begin, len);
-    b.sums[static_cast<size_t>(t)] = sum(b.data.get() + begin, len);
+    b.sums[static_cast<size_t>(t)] = sum(b.data + begin, len);
   });
   const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   float total = 0.0f;

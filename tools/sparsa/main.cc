@@ -60,6 +60,9 @@ struct GenerateArgs {
 
 // --no-mmap on generate, eval and bench: read the weight files into huge-page-backed memory.
 bool g_no_mmap = false;
+constexpr const char* kNoMmapHelp =
+    "read the weights into huge-page memory instead of mapping the files (uses the files' size "
+    "in RAM; faster streaming of float weights)";
 
 sparsa::model::LoadOptions load_options() {
   sparsa::model::LoadOptions o;
@@ -407,10 +410,6 @@ int cmd_init_random(const InitArgs& a) {
 }
 
 }  // namespace
-
-constexpr const char* kNoMmapHelp =
-    "read the weights into huge-page memory instead of mapping the files (uses the files' size "
-    "in RAM; faster streaming of float weights)";
 
 int main(int argc, char** argv) {
   CLI::App app{"sparsa: make language models smaller and faster, and run them fast"};

@@ -9,6 +9,8 @@
 #include <memory>
 #include <string>
 
+#include "sparsa/core/huge_pages.h"
+
 namespace sparsa {
 
 /// How a file's bytes reach memory.
@@ -41,8 +43,8 @@ class MappedFile {
   std::string path_;
   const uint8_t* data_ = nullptr;
   size_t size_ = 0;
-  size_t mapped_ = 0;  // bytes of the mapping (kRead rounds the size up to 2 MiB)
   FileAccess access_ = FileAccess::kMap;
+  HugePageBuffer read_;  // kRead: the file's bytes
 };
 
 /// Reads a whole (small) file into a string; throws naming the file on failure.
