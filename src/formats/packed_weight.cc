@@ -112,9 +112,8 @@ void encode_bitmask_row(const Source& s, int64_t r, uint8_t* dst) {
         std::memcpy(v + 2 * k, &h, 2);
       }
     } else if (s.bits <= 4) {
-      const int h = (c + 1) / 2;
-      for (int k = 0; k < h; ++k)
-        v[k] = static_cast<uint8_t>(vals[k] | (k + h < c ? vals[k + h] << 4 : 0u));
+      for (int k = 0; k < c; k += 2)
+        v[k / 2] = static_cast<uint8_t>(vals[k] | (k + 1 < c ? vals[k + 1] << 4 : 0u));
     } else {
       for (int k = 0; k < c; ++k) v[k] = static_cast<uint8_t>(vals[k]);
     }

@@ -38,9 +38,6 @@ inline __mmask16 mask16(int n) { return static_cast<__mmask16>((1u << n) - 1u); 
 inline __mmask32 mask32(int n) {
   return _cvtu32_mask32(n >= 32 ? ~0u : (1u << n) - 1u);
 }
-inline __mmask64 mask64(int n) {
-  return _cvtu64_mask64(n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1u);
-}
 inline __mmask16 chunk_mask(uint64_t m, int s) {
   return _cvtu32_mask16(static_cast<uint32_t>(m >> (16 * s)) & 0xffffu);
 }
@@ -155,8 +152,8 @@ class Decoder {
     const int c = std::popcount(m);
     if constexpr (SB == 16) {  // BF16 values, 32 columns per expand
       const int c0 = std::popcount(static_cast<uint32_t>(m));
-      const __m512i v0 = _mm512_maskz_loadu_epi16(mask32(c0), cur_);
-      const __m512i v1 = _mm512_maskz_loadu_epi16(mask32(c - c0), cur_ + 2 * c0);
+      const __m512i v0 = load_in_register(cur_);
+      const __m512i v1 = load_in_register(cur_ + 2 * c0);
       const __m512i e0 = _mm512_maskz_expand_epi16(_cvtu32_mask32(static_cast<uint32_t>(m)), v0);
       const __m512i e1 = _mm512_maskz_expand_epi16(_cvtu32_mask32(static_cast<uint32_t>(m >> 32)), v1);
       w[0] = bf16_to_f32(_mm512_castsi512_si256(e0));
@@ -167,17 +164,11 @@ class Decoder {
       return;
     }
     __m512i compact;
-    if constexpr (SB == 4) {  // byte i = v[i] | v[i + h] << 4: low nibbles, then high ones
-      const int h = (c + 1) / 2;
-      const __m256i bytes = _mm256_maskz_loadu_epi8(mask32(h), cur_);
-      const __m256i nib = _mm256_set1_epi8(0x0f);
-      const __m512i lo = _mm512_zextsi256_si512(_mm256_and_si256(bytes, nib));
-      const __m512i hi =
-          _mm512_zextsi256_si512(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), nib));
-      compact = _mm512_mask_expand_epi8(lo, _cvtu64_mask64(_cvtmask64_u64(mask64(h)) << h), hi);
-      cur_ += h;
+    if constexpr (SB == 4) {
+      compact = spread_nibbles(cur_);
+      cur_ += (c + 1) / 2;
     } else {
-      compact = _mm512_maskz_loadu_epi8(mask64(c), cur_);
+      compact = load_in_register(cur_);
       cur_ += c;
     }
     const __m512i e = _mm512_maskz_expand_epi8(_cvtu64_mask64(m), compact);

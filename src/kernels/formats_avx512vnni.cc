@@ -39,9 +39,6 @@ using formats::Positions;
 inline __mmask16 mask16(int64_t n) {
   return _cvtu32_mask16(n >= 16 ? 0xffffu : static_cast<uint32_t>((1u << n) - 1u));
 }
-inline __mmask64 mask64(int n) {
-  return _cvtu64_mask64(n >= 64 ? ~uint64_t{0} : (uint64_t{1} << n) - 1u);
-}
 
 // Reads the codes of one row block by block as 64 unsigned bytes in column order. SB: stored
 // bits per code of Positions::All (2, 3, 4, 8), or of the compact kept values of Bitmask (4:
@@ -83,16 +80,11 @@ class CodeReader {
       keep = _cvtu64_mask64(m);
       const int c = std::popcount(m);
       __m512i compact;
-      if constexpr (SB == 4) {  // byte i = v[i] | v[i + h] << 4: low nibbles, then high ones
-        const int h = (c + 1) >> 1;
-        const __m512i bytes = _mm512_maskz_loadu_epi8(mask64(h), cur_);
-        const __m512i nib = _mm512_set1_epi8(0x0f);
-        const __m512i lo = _mm512_and_si512(bytes, nib);
-        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(bytes, 4), nib);
-        compact = _mm512_mask_expand_epi8(lo, _cvtu64_mask64(_cvtmask64_u64(mask64(h)) << h), hi);
-        cur_ += h;
+      if constexpr (SB == 4) {
+        compact = spread_nibbles(cur_);
+        cur_ += (c + 1) >> 1;
       } else {
-        compact = _mm512_maskz_loadu_epi8(mask64(c), cur_);
+        compact = load_in_register(cur_);
         cur_ += c;
       }
       return _mm512_mask_expand_epi8(fill, keep, compact);

@@ -83,17 +83,16 @@ class RowDecoder {
       return;
     }
     const bool nibbles = p_.bits <= 4;
-    const int h = (c + 1) / 2;
     for (int i = 0; i < kBlockCols; ++i) {
       if (!((m >> i) & 1u)) {
         out[i] = 0.0f;
         continue;
       }
-      const uint32_t code = !nibbles ? cur_[k] : (k < h ? cur_[k] & 15u : cur_[k - h] >> 4);
+      const uint32_t code = !nibbles ? cur_[k] : (cur_[k / 2] >> (4 * (k & 1))) & 15u;
       out[i] = value(c0 + i, code);
       ++k;
     }
-    cur_ += nibbles ? h : c;
+    cur_ += nibbles ? (c + 1) / 2 : c;
   }
 
  private:
