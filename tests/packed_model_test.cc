@@ -300,18 +300,21 @@ TEST(BenchFormats, NamesAreParsed) {
   }
 }
 
+io::ModelConfig small_bench_shape() {
+  return io::ModelConfig::from_json(nlohmann::json{{"model_type", "llama"},
+                                                   {"vocab_size", 512},
+                                                   {"hidden_size", 128},
+                                                   {"intermediate_size", 256},
+                                                   {"num_hidden_layers", 2},
+                                                   {"num_attention_heads", 4},
+                                                   {"num_key_value_heads", 2},
+                                                   {"max_position_embeddings", 64}},
+                                    "test");
+}
+
 // Every format builds a model that runs, with the packed layout and the bytes it should have.
 TEST(BenchFormats, RandomModelsRunInEveryFormat) {
-  const io::ModelConfig cfg =
-      io::ModelConfig::from_json(nlohmann::json{{"model_type", "llama"},
-                                                {"vocab_size", 512},
-                                                {"hidden_size", 128},
-                                                {"intermediate_size", 256},
-                                                {"num_hidden_layers", 2},
-                                                {"num_attention_heads", 4},
-                                                {"num_key_value_heads", 2},
-                                                {"max_position_embeddings", 64}},
-                                 "test");
+  const io::ModelConfig cfg = small_bench_shape();
   ThreadPool pool(2);
   const std::pair<const char*, const char*> cases[] = {
       {"bf16", "bf16"},
@@ -347,6 +350,59 @@ TEST(BenchFormats, RandomModelsRunInEveryFormat) {
   EXPECT_EQ(bytes["f32"] - bytes["bf16"], bytes["bf16"] - 128 * 2);  // all but the embedding row
   EXPECT_LT(bytes["sparse90-int4g128"], bytes["int4g128"]);
   EXPECT_LT(bytes["sparse50-bf16"], bytes["bf16"]);
+}
+
+// Several formats are measured in rounds that visit each in turn: every format decodes all the
+// steps asked for (7 in rounds of 3, 3, 1), in the order given, with the ratios taken against
+// int4g128 and bf16 of the same run; one round measures them one after the other.
+TEST(BenchFormats, InterleavedRoundsDecodeEveryStepOfEveryFormat) {
+  const io::ModelConfig cfg = small_bench_shape();
+  ThreadPool pool(2);
+  BenchOptions opt;
+  opt.prompt_tokens = 8;
+  opt.decode_tokens = 7;
+  opt.repetitions = 2;
+  opt.bandwidth_bytes = size_t{8} << 20;
+  opt.rounds = 3;
+  const std::vector<std::string> names = {"bf16", "int4g128", "sparse50-int4g128"};
+  std::vector<std::string> seen;
+  auto results = run_format_bench(cfg, names, pool, opt,
+                                  [&](const FormatBenchResult& r) { seen.push_back(r.format); });
+  ASSERT_EQ(results.size(), 3u);
+  EXPECT_EQ(seen, names);
+  for (size_t i = 0; i < results.size(); ++i) {
+    const FormatBenchResult& r = results[i];
+    EXPECT_EQ(r.format, names[i]);
+    EXPECT_EQ(r.decode_rounds, 3) << r.format;
+    EXPECT_EQ(r.bench.decode_tokens, 7) << r.format;
+    EXPECT_GT(r.bench.decode_tokens_per_s, 0.0) << r.format;
+    EXPECT_GT(r.bench.bandwidth_gb_per_s, 0.0) << r.format;
+    EXPECT_NEAR(r.bench.decode_fraction_of_bound,
+                r.bench.decode_tokens_per_s / r.bench.decode_bound_tokens_per_s, 1e-12);
+  }
+  EXPECT_DOUBLE_EQ(results[1].decode_speedup_vs_int4g128, 1.0);
+  EXPECT_DOUBLE_EQ(results[0].prefill_fraction_of_bf16, 1.0);
+  EXPECT_DOUBLE_EQ(results[2].decode_speedup_vs_int4g128,
+                   results[2].bench.decode_tokens_per_s / results[1].bench.decode_tokens_per_s);
+  EXPECT_LT(results[2].bench.weight_bytes_per_token, results[1].bench.weight_bytes_per_token);
+
+  opt.rounds = 1;
+  results = run_format_bench(cfg, {"int4g128", "palette3"}, pool, opt);
+  ASSERT_EQ(results.size(), 2u);
+  for (const FormatBenchResult& r : results) {
+    EXPECT_EQ(r.decode_rounds, 1) << r.format;
+    EXPECT_EQ(r.bench.decode_tokens, 7) << r.format;
+  }
+  EXPECT_TRUE(std::isnan(results[0].prefill_fraction_of_bf16));
+
+  opt.rounds = 0;
+  try {
+    run_format_bench(cfg, {"int4g128"}, pool, opt);
+    ADD_FAILURE() << "rounds = 0 was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("--rounds must be at least 1"), std::string::npos)
+        << e.what();
+  }
 }
 
 using testing::CliRun;

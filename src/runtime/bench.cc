@@ -3,7 +3,9 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <fstream>
 #include <limits>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -26,77 +28,119 @@ double median(std::vector<double> v) {
 }
 }  // namespace
 
-BenchResult run_bench(model::Model& model, ThreadPool& pool, const BenchOptions& opt) {
+namespace {
+
+// One model's measurements, step by step: prefill() any number of times (each from an empty
+// cache), then decode(n) any number of times, every decode step followed by one bandwidth probe;
+// result() summarizes. run_bench runs one session straight through; run_format_bench interleaves
+// the sessions of several formats, so that each format sees the same moments of a shared machine.
+class BenchSession {
+ public:
+  BenchSession(model::Model& model, ThreadPool& pool, kernels::BandwidthProbe& probe,
+               const BenchOptions& opt)
+      : model_(model),
+        pool_(pool),
+        probe_(probe),
+        opt_(opt),
+        cache_(model.config(), opt.prompt_tokens + opt.decode_tokens),
+        logits_(static_cast<size_t>(model.config().vocab_size)) {
+    const io::ModelConfig& cfg = model.config();
+    SPARSA_CHECK(opt.prompt_tokens >= 1 && opt.decode_tokens >= 1,
+                 "bench needs at least one prompt token and one decode token");
+    SPARSA_CHECK(opt.prompt_tokens + opt.decode_tokens <= cfg.max_context(),
+                 "bench: {} prompt + {} decode tokens exceed the model's context of {}",
+                 opt.prompt_tokens, opt.decode_tokens, cfg.max_context());
+    Rng rng(opt.seed);
+    prompt_.resize(static_cast<size_t>(opt.prompt_tokens));
+    for (auto& t : prompt_)
+      t = static_cast<int32_t>(rng.next() % static_cast<uint64_t>(cfg.vocab_size));
+  }
+
+  void prefill() {
+    cache_.clear();
+    const auto t0 = Clock::now();
+    model_.forward(prompt_, cache_, logits_.data(), false, pool_);
+    prefill_times_.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    next_ = argmax(logits_.data(), model_.config().vocab_size);
+    decoded_ = 0;
+    step_times_.clear();
+    bw_samples_.clear();
+  }
+
+  // Up to `steps` more decode steps (never past opt.decode_tokens since the last prefill).
+  void decode(int64_t steps) {
+    for (int64_t i = 0; i < steps && decoded_ < opt_.decode_tokens; ++i, ++decoded_) {
+      const int32_t one[1] = {next_};
+      const auto t0 = Clock::now();
+      model_.forward(one, cache_, logits_.data(), false, pool_);
+      step_times_.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+      next_ = argmax(logits_.data(), model_.config().vocab_size);
+      bw_samples_.push_back(probe_.sample());
+    }
+  }
+
+  BenchResult result() const {
+    SPARSA_CHECK(!prefill_times_.empty() && !step_times_.empty(),
+                 "bench: a session was summarized before it ran");
+    const io::ModelConfig& cfg = model_.config();
+    BenchResult r;
+    r.threads = pool_.size();
+    r.isa = std::string(isa_name(active_isa()));
+    r.prompt_tokens = opt_.prompt_tokens;
+    r.decode_tokens = static_cast<int64_t>(step_times_.size());
+    r.weight_bytes_per_token = model_.weight_bytes_per_token();
+    const double bw = median(bw_samples_);
+    r.bandwidth_best_gb_per_s = *std::max_element(bw_samples_.begin(), bw_samples_.end()) / 1e9;
+    const double prefill_s = median(prefill_times_);
+    const double step_s = median(step_times_);
+    r.prefill_tokens_per_s = static_cast<double>(opt_.prompt_tokens) / prefill_s;
+    r.decode_tokens_per_s = 1.0 / step_s;
+    r.bandwidth_gb_per_s = bw / 1e9;
+    // Step i (0-based) attends over prompt_tokens + i + 1 positions of keys and values per layer.
+    const double kv_row_bytes = 2.0 * static_cast<double>(cfg.num_layers * cfg.num_kv_heads *
+                                                          cfg.head_dim) * sizeof(float);
+    const double mean_positions = static_cast<double>(opt_.prompt_tokens) +
+                                  0.5 * static_cast<double>(r.decode_tokens + 1);
+    r.kv_bytes_per_token = static_cast<size_t>(kv_row_bytes * mean_positions);
+    r.decode_bound_tokens_per_s =
+        bw / static_cast<double>(r.weight_bytes_per_token + r.kv_bytes_per_token);
+    r.decode_fraction_of_bound = r.decode_tokens_per_s / r.decode_bound_tokens_per_s;
+    int64_t linear_params = cfg.vocab_size * cfg.hidden_size;
+    for (const auto& b : model_.blocks())
+      for (const auto* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+        linear_params += l->rows() * l->cols();
+    // lm_head runs for the last prompt token only.
+    const double flops =
+        2.0 * static_cast<double>(linear_params - cfg.vocab_size * cfg.hidden_size) *
+            static_cast<double>(opt_.prompt_tokens) +
+        2.0 * static_cast<double>(cfg.vocab_size * cfg.hidden_size);
+    r.prefill_gflop_per_s = flops / prefill_s / 1e9;
+    return r;
+  }
+
+ private:
   using Clock = std::chrono::steady_clock;
-  const io::ModelConfig& cfg = model.config();
-  SPARSA_CHECK(opt.prompt_tokens >= 1 && opt.decode_tokens >= 1,
-               "bench needs at least one prompt token and one decode token");
-  SPARSA_CHECK(opt.prompt_tokens + opt.decode_tokens <= cfg.max_context(),
-               "bench: {} prompt + {} decode tokens exceed the model's context of {}",
-               opt.prompt_tokens, opt.decode_tokens, cfg.max_context());
-  BenchResult r;
-  r.threads = pool.size();
-  r.isa = std::string(isa_name(active_isa()));
-  r.prompt_tokens = opt.prompt_tokens;
-  r.decode_tokens = opt.decode_tokens;
-  r.weight_bytes_per_token = model.weight_bytes_per_token();
+  model::Model& model_;
+  ThreadPool& pool_;
+  kernels::BandwidthProbe& probe_;
+  const BenchOptions& opt_;
+  model::KvCache cache_;
+  std::vector<float> logits_;
+  std::vector<int32_t> prompt_;
+  int32_t next_ = 0;
+  int64_t decoded_ = 0;
+  std::vector<double> prefill_times_, step_times_, bw_samples_;
+};
 
+}  // namespace
+
+BenchResult run_bench(model::Model& model, ThreadPool& pool, const BenchOptions& opt) {
   kernels::BandwidthProbe probe(pool, opt.bandwidth_bytes);
-  std::vector<double> bw_samples;
-  bw_samples.push_back(probe.sample());  // warms the probe's pages and the pool
-
-  Rng rng(opt.seed);
-  std::vector<int32_t> prompt(static_cast<size_t>(opt.prompt_tokens));
-  for (auto& t : prompt)
-    t = static_cast<int32_t>(rng.next() % static_cast<uint64_t>(cfg.vocab_size));
-  std::vector<float> logits(static_cast<size_t>(cfg.vocab_size));
-  model::KvCache cache(cfg, opt.prompt_tokens + opt.decode_tokens);
-
-  std::vector<double> prefill_times;
-  for (int rep = 0; rep < std::max(1, opt.repetitions); ++rep) {
-    cache.clear();
-    const auto t0 = Clock::now();
-    model.forward(prompt, cache, logits.data(), false, pool);
-    prefill_times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-  }
-  std::vector<double> step_times;
-  int32_t next = argmax(logits.data(), cfg.vocab_size);
-  for (int64_t i = 0; i < opt.decode_tokens; ++i) {
-    const int32_t one[1] = {next};
-    const auto t0 = Clock::now();
-    model.forward(one, cache, logits.data(), false, pool);
-    step_times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
-    next = argmax(logits.data(), cfg.vocab_size);
-    bw_samples.push_back(probe.sample());
-  }
-  bw_samples.erase(bw_samples.begin());
-  const double bw = median(bw_samples);
-  r.bandwidth_best_gb_per_s = *std::max_element(bw_samples.begin(), bw_samples.end()) / 1e9;
-
-  const double prefill_s = median(prefill_times);
-  const double step_s = median(step_times);
-  r.prefill_tokens_per_s = static_cast<double>(opt.prompt_tokens) / prefill_s;
-  r.decode_tokens_per_s = 1.0 / step_s;
-  r.bandwidth_gb_per_s = bw / 1e9;
-  // Step i (0-based) attends over prompt_tokens + i + 1 positions of keys and values per layer.
-  const double kv_row_bytes = 2.0 * static_cast<double>(cfg.num_layers * cfg.num_kv_heads *
-                                                        cfg.head_dim) * sizeof(float);
-  const double mean_positions =
-      static_cast<double>(opt.prompt_tokens) + 0.5 * static_cast<double>(opt.decode_tokens + 1);
-  r.kv_bytes_per_token = static_cast<size_t>(kv_row_bytes * mean_positions);
-  r.decode_bound_tokens_per_s =
-      bw / static_cast<double>(r.weight_bytes_per_token + r.kv_bytes_per_token);
-  r.decode_fraction_of_bound = r.decode_tokens_per_s / r.decode_bound_tokens_per_s;
-  int64_t linear_params = cfg.vocab_size * cfg.hidden_size;
-  for (const auto& b : model.blocks())
-    for (const auto* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
-      linear_params += l->rows() * l->cols();
-  // lm_head runs for the last prompt token only.
-  const double flops = 2.0 * static_cast<double>(linear_params - cfg.vocab_size * cfg.hidden_size) *
-                           static_cast<double>(opt.prompt_tokens) +
-                       2.0 * static_cast<double>(cfg.vocab_size * cfg.hidden_size);
-  r.prefill_gflop_per_s = flops / prefill_s / 1e9;
-  return r;
+  probe.sample();  // warms the probe's pages and the pool
+  BenchSession s(model, pool, probe, opt);
+  for (int rep = 0; rep < std::max(1, opt.repetitions); ++rep) s.prefill();
+  s.decode(opt.decode_tokens);
+  return s.result();
 }
 
 }  // namespace sparsa
@@ -316,25 +360,102 @@ std::unique_ptr<model::Model> build_random_model(const io::ModelConfig& c, const
                                   std::move(lm_head), std::move(embed));
 }
 
+namespace {
+
+// Bytes a format's model takes in memory, roughly (for deciding whether all fit at once).
+double approx_model_bytes(const io::ModelConfig& c, const BenchFormat& f) {
+  const double h = static_cast<double>(c.hidden_size);
+  const double q = static_cast<double>(c.num_heads * c.head_dim);
+  const double kv = static_cast<double>(c.num_kv_heads * c.head_dim);
+  const double linear = static_cast<double>(c.num_layers) *
+                        (2.0 * q * h + 2.0 * kv * h + 3.0 * static_cast<double>(c.intermediate_size) * h);
+  const double vocab = static_cast<double>(c.vocab_size) * h;
+  const double kept = f.nm_m > 0 ? static_cast<double>(f.nm_keep) / f.nm_m : 1.0 - f.sparsity;
+  const bool sparse = kept < 1.0;
+  double bits = 0;
+  switch (f.values) {
+    case BenchFormat::Values::kDense: bits = 8.0 * static_cast<double>(dtype_size(f.dtype)); break;
+    case BenchFormat::Values::kInt:
+      bits = f.bits + (f.group_size > 0 ? 40.0 / static_cast<double>(f.group_size) : 0.0);
+      break;
+    case BenchFormat::Values::kPalette: bits = f.bits; break;
+  }
+  const double weight_bits = bits * kept + (sparse ? 1.0 : 0.0);
+  const bool dense = f.values == BenchFormat::Values::kDense && !sparse;
+  const double lm_head = dense ? vocab * static_cast<double>(dtype_size(f.dtype)) : vocab;
+  return linear * weight_bits / 8.0 + lm_head + 2.0 * vocab;  // + the bf16 embedding
+}
+
+// MemAvailable of /proc/meminfo in bytes; 0 when unknown.
+double available_memory_bytes() {
+  std::ifstream in("/proc/meminfo");
+  std::string key;
+  double kib = 0;
+  std::string unit;
+  while (in >> key >> kib >> unit)
+    if (key == "MemAvailable:") return kib * 1024.0;
+  return 0;
+}
+
+}  // namespace
+
 std::vector<FormatBenchResult> run_format_bench(
     const io::ModelConfig& config, const std::vector<std::string>& names, ThreadPool& pool,
     const BenchOptions& options, const std::function<void(const FormatBenchResult&)>& on_result) {
   using Clock = std::chrono::steady_clock;
   SPARSA_CHECK(!names.empty(), "bench: no formats given");
+  SPARSA_CHECK(options.rounds >= 1, "bench: --rounds must be at least 1, got {}", options.rounds);
   std::vector<BenchFormat> fmts;
   for (const std::string& n : names) fmts.push_back(parse_bench_format(n));
-  std::vector<FormatBenchResult> results;
-  for (const BenchFormat& f : fmts) {
-    FormatBenchResult r;
-    r.format = f.name;
+  std::vector<FormatBenchResult> results(fmts.size());
+  kernels::BandwidthProbe probe(pool, options.bandwidth_bytes);
+  probe.sample();  // warms the probe's pages and the pool
+
+  const auto build = [&](size_t i) {
+    FormatBenchResult& r = results[i];
+    r.format = fmts[i].name;
     const auto t0 = Clock::now();
-    std::unique_ptr<model::Model> m = build_random_model(config, f, options.seed, pool);
+    std::unique_ptr<model::Model> m = build_random_model(config, fmts[i], options.seed, pool);
     r.build_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
     r.layout = m->blocks().at(0).gate.describe();
-    r.bench = run_bench(*m, pool, options);
-    m.reset();
-    if (on_result) on_result(r);
-    results.push_back(std::move(r));
+    return m;
+  };
+  // Interleaved when every model fits in memory at once (with room to spare): prefill
+  // repetitions and decode rounds visit the formats in turn, so that a drift of the shared
+  // machine's bandwidth or clock between formats shows in every format alike. Otherwise each
+  // format is built, measured and freed on its own.
+  double need = 0;
+  for (const BenchFormat& f : fmts) need += approx_model_bytes(config, f);
+  const double avail = available_memory_bytes();
+  const bool together = fmts.size() > 1 && options.rounds > 1 && (avail == 0 || need < 0.6 * avail);
+  if (together) {
+    std::vector<std::unique_ptr<model::Model>> models;
+    std::vector<std::unique_ptr<BenchSession>> sessions;
+    for (size_t i = 0; i < fmts.size(); ++i) {
+      models.push_back(build(i));
+      sessions.push_back(std::make_unique<BenchSession>(*models.back(), pool, probe, options));
+    }
+    for (int rep = 0; rep < std::max(1, options.repetitions); ++rep)
+      for (auto& s : sessions) s->prefill();
+    const int64_t per_round = (options.decode_tokens + options.rounds - 1) / options.rounds;
+    for (int round = 0; round < options.rounds; ++round)
+      for (auto& s : sessions) s->decode(per_round);
+    for (size_t i = 0; i < fmts.size(); ++i) {
+      results[i].bench = sessions[i]->result();
+      results[i].decode_rounds = options.rounds;
+      if (on_result) on_result(results[i]);
+    }
+  } else {
+    for (size_t i = 0; i < fmts.size(); ++i) {
+      std::unique_ptr<model::Model> m = build(i);
+      BenchSession s(*m, pool, probe, options);
+      for (int rep = 0; rep < std::max(1, options.repetitions); ++rep) s.prefill();
+      s.decode(options.decode_tokens);
+      results[i].bench = s.result();
+      results[i].decode_rounds = 1;
+      m.reset();
+      if (on_result) on_result(results[i]);
+    }
   }
   const auto find = [&](const char* name) -> const FormatBenchResult* {
     for (const FormatBenchResult& r : results)

@@ -314,7 +314,7 @@ int cmd_bench_formats(const std::string& shape, const std::string& format_list, 
     json list = json::array();
     for (const auto& r : results) {
       json j = {{"format", r.format}, {"shape", shape}, {"layout", r.layout},
-                {"build_seconds", r.build_seconds}};
+                {"build_seconds", r.build_seconds}, {"decode_rounds", r.decode_rounds}};
       j.update(bench_result_json(r.bench));
       j["decode_speedup_vs_int4g128"] = ratio(r.decode_speedup_vs_int4g128);
       j["prefill_fraction_of_bf16"] = ratio(r.prefill_fraction_of_bf16);
@@ -472,6 +472,11 @@ int main(int argc, char** argv) {
   bench->add_option("--prompt-tokens", bopt.prompt_tokens)->capture_default_str();
   bench->add_option("--decode-tokens", bopt.decode_tokens)->capture_default_str();
   bench->add_option("--repetitions", bopt.repetitions, "prefill repetitions")->capture_default_str();
+  bench->add_option("--rounds", bopt.rounds,
+                    "with --shape: decode rounds that visit every format in turn (1: one format "
+                    "after the other)")
+      ->check(CLI::PositiveNumber)
+      ->capture_default_str();
   size_t bw_mb = bopt.bandwidth_bytes >> 20;
   bench->add_option("--bandwidth-mb", bw_mb, "buffer size of the bandwidth probe (MiB)")
       ->capture_default_str();

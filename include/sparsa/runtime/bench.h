@@ -11,8 +11,9 @@
 //
 //   sparsa::BenchResult r = sparsa::run_bench(model, pool, {});
 //
-// Formats compared on one model shape, each built data-free from random weights in memory, one
-// at a time (sparsa bench --shape tinyllama-1.1b --formats bf16,int4g128,2of4-int4g128):
+// Formats compared on one model shape, each built data-free from random weights in memory, and
+// measured in rounds that visit every format in turn (sparsa bench --shape tinyllama-1.1b
+// --formats bf16,int4g128,2of4-int4g128):
 //
 //   auto results = sparsa::run_format_bench(sparsa::model::named_shape("tinyllama-1.1b"),
 //                                           {"bf16", "int4g128"}, pool, opt);
@@ -33,6 +34,10 @@ struct BenchOptions {
   int64_t prompt_tokens = 128;
   int64_t decode_tokens = 32;
   int repetitions = 3;                         // prefill repetitions; the median is reported
+  // run_format_bench: the decode steps of every format are split into this many rounds, and
+  // each round (like each prefill repetition) visits every format in turn; 1 = one format after
+  // the other.
+  int rounds = 4;
   size_t bandwidth_bytes = size_t{256} << 20;  // probe buffer: 8x a 32 MiB L3
   uint64_t seed = 1;
 };
@@ -89,6 +94,7 @@ struct FormatBenchResult {
   std::string format;
   std::string layout;  // the packed layout of one MLP weight, e.g. "sparse2:4-int4g128"
   double build_seconds = 0;
+  int decode_rounds = 1;  // rounds its decode steps were split into (BenchOptions::rounds)
   BenchResult bench;
   /// decode tokens/s over int4g128's, and prefill tokens/s over bf16's, in the same run;
   /// NaN when that format is not in the list.
@@ -96,9 +102,11 @@ struct FormatBenchResult {
   double prefill_fraction_of_bf16 = 0;
 };
 
-/// Builds, benchmarks (run_bench) and frees each format in turn. Every name is parsed first, so a
-/// bad one fails before anything is built. `on_result` (may be empty) sees each result as it
-/// comes, before the ratios are known.
+/// Builds and benchmarks every format. When all fit in memory at once (estimated, against
+/// MemAvailable) they are built first and measured in interleaved rounds (BenchOptions::rounds);
+/// otherwise each is built, measured and freed in turn. Every name is parsed first, so a bad one
+/// fails before anything is built. `on_result` (may be empty) sees each result as it comes,
+/// before the ratios are known.
 std::vector<FormatBenchResult> run_format_bench(
     const io::ModelConfig& config, const std::vector<std::string>& formats, ThreadPool& pool,
     const BenchOptions& options,
