@@ -35,9 +35,6 @@ using formats::PackedView;
 using formats::Positions;
 
 inline __mmask16 mask16(int n) { return static_cast<__mmask16>((1u << n) - 1u); }
-inline __mmask32 mask32(int n) {
-  return _cvtu32_mask32(n >= 32 ? ~0u : (1u << n) - 1u);
-}
 inline __mmask16 chunk_mask(uint64_t m, int s) {
   return _cvtu32_mask16(static_cast<uint32_t>(m >> (16 * s)) & 0xffffu);
 }
@@ -161,25 +158,17 @@ class Decoder {
       w[2] = bf16_to_f32(_mm512_castsi512_si256(e1));
       w[3] = bf16_to_f32(_mm512_extracti64x4_epi64(e1, 1));
       cur_ += 2 * c;
-      return;
-    }
-    __m512i compact;
-    if constexpr (SB == 4) {
-      compact = spread_nibbles(cur_);
-      cur_ += (c + 1) / 2;
     } else {
-      compact = load_in_register(cur_);
-      cur_ += c;
-    }
-    const __m512i e = _mm512_maskz_expand_epi8(_cvtu64_mask64(m), compact);
-    const __m128i q[4] = {_mm512_castsi512_si128(e), _mm512_extracti32x4_epi32(e, 1),
-                          _mm512_extracti32x4_epi32(e, 2), _mm512_extracti32x4_epi32(e, 3)};
-    for (int s = 0; s < 4; ++s) {
-      const __m512i idx = _mm512_cvtepu8_epi32(q[s]);
-      if constexpr (SB == 4) {
-        w[s] = _mm512_maskz_permutexvar_ps(chunk_mask(m, s), idx, table_);
-      } else {
-        w[s] = convert8(idx, chunk_mask(m, s));
+      const __m512i e = _mm512_maskz_expand_epi8(_cvtu64_mask64(m), next_kept_codes<SB>(cur_, c));
+      const __m128i q[4] = {_mm512_castsi512_si128(e), _mm512_extracti32x4_epi32(e, 1),
+                            _mm512_extracti32x4_epi32(e, 2), _mm512_extracti32x4_epi32(e, 3)};
+      for (int s = 0; s < 4; ++s) {
+        const __m512i idx = _mm512_cvtepu8_epi32(q[s]);
+        if constexpr (SB == 4) {
+          w[s] = _mm512_maskz_permutexvar_ps(chunk_mask(m, s), idx, table_);
+        } else {
+          w[s] = convert8(idx, chunk_mask(m, s));
+        }
       }
     }
   }

@@ -78,16 +78,7 @@ class CodeReader {
     } else {
       const uint64_t m = load_u64(masks_ + 8 * b);
       keep = _cvtu64_mask64(m);
-      const int c = std::popcount(m);
-      __m512i compact;
-      if constexpr (SB == 4) {
-        compact = spread_nibbles(cur_);
-        cur_ += (c + 1) >> 1;
-      } else {
-        compact = load_in_register(cur_);
-        cur_ += c;
-      }
-      return _mm512_mask_expand_epi8(fill, keep, compact);
+      return _mm512_mask_expand_epi8(fill, keep, next_kept_codes<SB>(cur_, std::popcount(m)));
     }
   }
 

@@ -53,6 +53,22 @@ inline __m512i spread_nibbles(const uint8_t* p) {
   return _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x1c1814100c080400), d),
                           _mm512_set1_epi8(0x0f));
 }
+
+// The c kept codes of one Bitmask block at cur, as bytes in order (SB = 4: nibbles, 8: bytes; the
+// lanes past c hold whatever follows), and cur moved past them.
+template <int SB>
+inline __m512i next_kept_codes(const uint8_t*& cur, int c) {
+  static_assert(SB == 4 || SB == 8);
+  if constexpr (SB == 4) {
+    const __m512i v = spread_nibbles(cur);
+    cur += (c + 1) / 2;
+    return v;
+  } else {
+    const __m512i v = load_in_register(cur);
+    cur += c;
+    return v;
+  }
+}
 #endif
 
 /// Below this many weights a decode call is too short to be worth waking the other threads.
