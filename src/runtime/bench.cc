@@ -132,14 +132,23 @@ class BenchSession {
   std::vector<double> prefill_times_, step_times_, bw_samples_;
 };
 
+// The prefill repetitions, then the decode steps in `rounds` rounds; each repetition and each
+// round visits every session in turn.
+void measure(const std::vector<BenchSession*>& sessions, const BenchOptions& opt, int rounds) {
+  for (int rep = 0; rep < std::max(1, opt.repetitions); ++rep)
+    for (BenchSession* s : sessions) s->prefill();
+  const int64_t per_round = (opt.decode_tokens + rounds - 1) / rounds;
+  for (int round = 0; round < rounds; ++round)
+    for (BenchSession* s : sessions) s->decode(per_round);
+}
+
 }  // namespace
 
 BenchResult run_bench(model::Model& model, ThreadPool& pool, const BenchOptions& opt) {
   kernels::BandwidthProbe probe(pool, opt.bandwidth_bytes);
   probe.sample();  // warms the probe's pages and the pool
   BenchSession s(model, pool, probe, opt);
-  for (int rep = 0; rep < std::max(1, opt.repetitions); ++rep) s.prefill();
-  s.decode(opt.decode_tokens);
+  measure({&s}, opt, 1);
   return s.result();
 }
 
@@ -376,6 +385,7 @@ double approx_model_bytes(const io::ModelConfig& c, const BenchFormat& f) {
   switch (f.values) {
     case BenchFormat::Values::kDense: bits = 8.0 * static_cast<double>(dtype_size(f.dtype)); break;
     case BenchFormat::Values::kInt:
+      // + an f32 scale and a u8 zero point per group
       bits = f.bits + (f.group_size > 0 ? 40.0 / static_cast<double>(f.group_size) : 0.0);
       break;
     case BenchFormat::Values::kPalette: bits = f.bits; break;
@@ -428,34 +438,27 @@ std::vector<FormatBenchResult> run_format_bench(
   for (const BenchFormat& f : fmts) need += approx_model_bytes(config, f);
   const double avail = available_memory_bytes();
   const bool together = fmts.size() > 1 && options.rounds > 1 && (avail == 0 || need < 0.6 * avail);
-  if (together) {
+  // Formats [i0, i1) built, measured together in `rounds` rounds, and freed.
+  const auto run = [&](size_t i0, size_t i1, int rounds) {
     std::vector<std::unique_ptr<model::Model>> models;
     std::vector<std::unique_ptr<BenchSession>> sessions;
-    for (size_t i = 0; i < fmts.size(); ++i) {
+    std::vector<BenchSession*> ptrs;
+    for (size_t i = i0; i < i1; ++i) {
       models.push_back(build(i));
       sessions.push_back(std::make_unique<BenchSession>(*models.back(), pool, probe, options));
+      ptrs.push_back(sessions.back().get());
     }
-    for (int rep = 0; rep < std::max(1, options.repetitions); ++rep)
-      for (auto& s : sessions) s->prefill();
-    const int64_t per_round = (options.decode_tokens + options.rounds - 1) / options.rounds;
-    for (int round = 0; round < options.rounds; ++round)
-      for (auto& s : sessions) s->decode(per_round);
-    for (size_t i = 0; i < fmts.size(); ++i) {
-      results[i].bench = sessions[i]->result();
-      results[i].decode_rounds = options.rounds;
+    measure(ptrs, options, rounds);
+    for (size_t i = i0; i < i1; ++i) {
+      results[i].bench = sessions[i - i0]->result();
+      results[i].decode_rounds = rounds;
       if (on_result) on_result(results[i]);
     }
+  };
+  if (together) {
+    run(0, fmts.size(), options.rounds);
   } else {
-    for (size_t i = 0; i < fmts.size(); ++i) {
-      std::unique_ptr<model::Model> m = build(i);
-      BenchSession s(*m, pool, probe, options);
-      for (int rep = 0; rep < std::max(1, options.repetitions); ++rep) s.prefill();
-      s.decode(options.decode_tokens);
-      results[i].bench = s.result();
-      results[i].decode_rounds = 1;
-      m.reset();
-      if (on_result) on_result(results[i]);
-    }
+    for (size_t i = 0; i < fmts.size(); ++i) run(i, i + 1, 1);
   }
   const auto find = [&](const char* name) -> const FormatBenchResult* {
     for (const FormatBenchResult& r : results)
