@@ -14,6 +14,7 @@
 
 #include "sparsa/core/mapped_file.h"
 #include "sparsa/model/llama.h"
+#include "sparsa/train/cuda.h"
 #include "sparsa/train/model.h"
 #include "test_util.h"
 
@@ -132,11 +133,18 @@ TEST_F(FinetuneCli, TrainsAPrunedStudentAndResumesBitForBit) {
 
 TEST_F(FinetuneCli, ClearErrors) {
   make_student();
-  CliRun r = run(finetune("-o " + path("o") + " --device cuda"));
-  EXPECT_EQ(r.code, 1);
-  EXPECT_NE(r.out.find("--device cuda: this build of sparsa has no CUDA backend"),
-            std::string::npos)
-      << r.out;
+  CliRun r;
+  std::string why;
+  if (!sparsa::train::cuda::available(&why)) {  // a build without CUDA, or no GPU here
+    r = run(finetune("-o " + path("o") + " --device cuda"));
+    EXPECT_EQ(r.code, 1);
+    EXPECT_NE(r.out.find("finetune: --device cuda: " + why + " (or use --device cpu)"),
+              std::string::npos)
+        << r.out;
+  }
+  r = run(finetune("-o " + path("o") + " --device cuda --precision fp16"));
+  EXPECT_EQ(r.code, 105) << r.out;  // CLI11's ValidationError: not one of bf16, fp32
+  EXPECT_NE(r.out.find("--precision"), std::string::npos) << r.out;
   r = run("finetune " + path("student") + " --data " + path("data.jsonl") + " -r " +
           path("ft.yaml") + " -o " + path("o"));
   EXPECT_EQ(r.code, 1);

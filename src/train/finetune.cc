@@ -21,6 +21,7 @@
 #include "sparsa/io/text_data.h"
 #include "sparsa/runtime/perplexity.h"
 #include "sparsa/runtime/tokenizer.h"
+#include "sparsa/train/cuda.h"
 
 namespace sparsa::train {
 
@@ -230,13 +231,11 @@ FinetuneReport finetune(const FinetuneOptions& o, ThreadPool& pool) {
   using Clock = std::chrono::steady_clock;
   SPARSA_CHECK(o.device == "cpu" || o.device == "cuda",
                "finetune: --device must be cpu or cuda, got '{}'", o.device);
-#ifndef SPARSA_HAVE_CUDA
-  SPARSA_CHECK(o.device != "cuda",
-               "finetune: --device cuda: this build of sparsa has no CUDA backend (build with "
-               "nvcc available, or use --device cpu)");
-#endif
-  SPARSA_CHECK(o.device == "cpu", "finetune: the CUDA training backend is not implemented yet; "
-                                  "use --device cpu");
+  if (o.device == "cuda") {
+    std::string why;
+    SPARSA_CHECK(cuda::available(&why), "finetune: --device cuda: {} (or use --device cpu)", why);
+    cuda::parse_matmul(o.precision);
+  }
   const compress::Recipe recipe = compress::Recipe::from_file(o.recipe_path);
   const compress::Stage* stage = recipe.finetune_stage();
   SPARSA_CHECK(stage != nullptr,
@@ -282,11 +281,13 @@ FinetuneReport finetune(const FinetuneOptions& o, ThreadPool& pool) {
                                    seq, eval_windows);
   Trainer trainer(student, teacher ? &*teacher : nullptr, *stage, std::move(data), pool,
                   o.max_tokens);
+  if (o.device == "cuda") trainer.use_cuda(o.precision);
   if (!o.resume_dir.empty()) trainer.load_checkpoint(o.resume_dir);
 
   const std::string ckpt_root =
       o.checkpoint_dir.empty() ? o.output_dir + ".checkpoints" : o.checkpoint_dir;
   FinetuneReport rep;
+  rep.device = trainer.device_description();
   rep.total_steps = trainer.total_steps();
   const compress::TrainingArgs& a = trainer.args();
   const int64_t first = trainer.step();
@@ -336,6 +337,7 @@ FinetuneReport finetune(const FinetuneOptions& o, ThreadPool& pool) {
   for (const EvalStats& e : trainer.evals())
     valid_csv += fmt::format("{},{},{}\n", e.step, csv_number(e.ce), csv_number(e.ppl));
 
+  trainer.sync_to_host();
   std::vector<std::string> sparse;
   for (const ParamTensor& t : student.tensors())
     if (trainer.masked(t.name)) sparse.push_back(t.name);

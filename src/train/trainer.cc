@@ -14,6 +14,7 @@
 #include "sparsa/core/error.h"
 #include "sparsa/core/mapped_file.h"
 #include "sparsa/io/safetensors.h"
+#include "sparsa/train/cuda.h"
 
 namespace sparsa::train {
 
@@ -215,6 +216,26 @@ Trainer::Trainer(Model& student, Model* teacher, const compress::Stage& stage, T
   v_.assign(m_.size(), 0.0f);
 }
 
+Trainer::~Trainer() = default;
+
+void Trainer::use_cuda(const std::string& matmul, int device) {
+  const bool needs_teacher = distill_.kl > 0 || distill_.squarehead > 0;
+  gpu_ = std::make_unique<cuda::Engine>(student_, needs_teacher ? teacher_ : nullptr, keep_,
+                                        cuda::parse_matmul(matmul), device);
+  gpu_->upload_moments(m_.data(), v_.data());
+}
+
+std::string Trainer::device_description() const {
+  if (gpu_ == nullptr) return fmt::format("cpu ({} threads)", pool_.size());
+  return fmt::format("cuda: {}, {} GEMMs", gpu_->device_name(), cuda::matmul_name(gpu_->matmul()));
+}
+
+void Trainer::sync_to_host() {
+  if (gpu_ == nullptr) return;
+  gpu_->download_params(student_.params());
+  gpu_->download_moments(m_.data(), v_.data());
+}
+
 int64_t Trainer::tokens_per_step() const {
   return args_.batch_size * args_.seq_len * args_.grad_accum;
 }
@@ -231,8 +252,14 @@ double Trainer::masked_sparsity() const {
   int64_t zeros = 0, total = 0;
   for (size_t i = 0; i < ts.size(); ++i) {
     if (!tensor_masked_[i]) continue;
-    const float* w = student_.params() + ts[i].offset;
-    for (int64_t j = 0; j < ts[i].numel; ++j) zeros += w[j] == 0.0f;
+    if (gpu_ != nullptr) {
+      // The weights are on the GPU; the masks (which hold their zeros) are here.
+      const uint8_t* k = keep_.data() + ts[i].offset;
+      for (int64_t j = 0; j < ts[i].numel; ++j) zeros += k[j] == 0;
+    } else {
+      const float* w = student_.params() + ts[i].offset;
+      for (int64_t j = 0; j < ts[i].numel; ++j) zeros += w[j] == 0.0f;
+    }
     total += ts[i].numel;
   }
   return total > 0 ? static_cast<double>(zeros) / static_cast<double>(total) : 0.0;
@@ -240,6 +267,11 @@ double Trainer::masked_sparsity() const {
 
 void Trainer::update_masks(int64_t step) {
   const std::vector<ParamTensor>& ts = student_.tensors();
+  bool any = false;
+  for (size_t i = 0; i < ts.size(); ++i)
+    any = any || (tensor_schedule_[i] != nullptr && pruning_step(*tensor_schedule_[i], step));
+  if (!any) return;
+  sync_to_host();
   for (size_t i = 0; i < ts.size(); ++i) {
     const GradualPruningArgs* g = tensor_schedule_[i];
     if (g == nullptr || !pruning_step(*g, step)) continue;
@@ -249,6 +281,11 @@ void Trainer::update_masks(int64_t step) {
     // Pruned weights start over: no momentum carries them back.
     for (int64_t j = 0; j < ts[i].numel; ++j)
       if (!keep_[static_cast<size_t>(off + j)]) m_[static_cast<size_t>(off + j)] = v_[static_cast<size_t>(off + j)] = 0.0f;
+  }
+  if (gpu_ != nullptr) {
+    gpu_->upload_params(student_.params());
+    gpu_->upload_moments(m_.data(), v_.data());
+    gpu_->upload_keep(keep_.data());
   }
 }
 
@@ -260,6 +297,15 @@ double Trainer::micro_batch(int64_t index, float grad_scale, double* ce, double*
     const int32_t* w = data_.train_window(index * b + s, static_cast<uint64_t>(args_.seed));
     std::copy(w, w + t, batch_ids_.begin() + s * t);
     std::copy(w + 1, w + t + 1, batch_targets_.begin() + s * t);
+  }
+  if (gpu_ != nullptr) {
+    const cuda::Losses l = gpu_->micro_batch(
+        batch_ids_.data(), batch_targets_.data(), b, t,
+        {distill_.ce, distill_.kl, distill_.squarehead, distill_.temperature}, grad_scale);
+    *ce += l.ce;
+    *kl += l.kl;
+    *sq += l.squarehead;
+    return distill_.ce * l.ce + distill_.kl * l.kl + distill_.squarehead * l.squarehead;
   }
   const int64_t vocab = student_.config().vocab_size, h = student_.config().hidden_size;
   const bool need_teacher = distill_.kl > 0 || distill_.squarehead > 0;
@@ -297,7 +343,10 @@ StepStats Trainer::train_step() {
   SPARSA_CHECK(step_ < total_steps_, "train: all {} steps are done", total_steps_);
   const auto t0 = std::chrono::steady_clock::now();
   update_masks(step_);
-  student_.zero_grad();
+  if (gpu_ != nullptr)
+    gpu_->zero_grad();
+  else
+    student_.zero_grad();
   StepStats st;
   const float grad_scale = 1.0f / static_cast<float>(args_.grad_accum);
   for (int64_t a = 0; a < args_.grad_accum; ++a) {
@@ -307,8 +356,18 @@ StepStats Trainer::train_step() {
   const double inv = 1.0 / static_cast<double>(args_.grad_accum);
   st.loss *= inv, st.ce *= inv, st.kl *= inv, st.squarehead *= inv;
 
-  // Masked gradients: pruned weights get no update (and no weight decay either, below).
   const std::vector<ParamTensor>& ts = student_.tensors();
+  if (gpu_ != nullptr) {
+    std::vector<cuda::TensorUpdate> updates;
+    for (size_t i = 0; i < ts.size(); ++i)
+      updates.push_back({ts[i].offset, ts[i].numel, tensor_masked_[i] != 0,
+                         ts[i].matrix ? static_cast<float>(args_.weight_decay) : 0.0f});
+    st.lr = learning_rate(args_, step_, total_steps_);
+    const ops::AdamW opt{static_cast<float>(st.lr), static_cast<float>(args_.beta1),
+                         static_cast<float>(args_.beta2), static_cast<float>(args_.eps), 0.0f};
+    st.grad_norm = gpu_->optimizer_step(updates, args_.clip, opt, step_ + 1);
+  } else {
+  // Masked gradients: pruned weights get no update (and no weight decay either, below).
   for (size_t i = 0; i < ts.size(); ++i)
     if (tensor_masked_[i])
       ops::apply_mask(student_.grads() + ts[i].offset, keep_.data() + ts[i].offset, ts[i].numel,
@@ -327,6 +386,7 @@ StepStats Trainer::train_step() {
                       v_.data() + off, ts[i].numel, opt, step_ + 1, pool_);
     if (tensor_masked_[i])
       ops::apply_mask(student_.params() + off, keep_.data() + off, ts[i].numel, pool_);
+  }
   }
   ++step_;
   st.step = step_;
@@ -354,6 +414,12 @@ EvalStats Trainer::evaluate() {
       const int32_t* w = data_.eval_window(w0 + s);
       std::copy(w, w + t, batch_ids_.begin() + s * t);
       std::copy(w + 1, w + t + 1, batch_targets_.begin() + s * t);
+    }
+    if (gpu_ != nullptr) {
+      int64_t k = 0;
+      total += gpu_->eval_ce_sum(batch_ids_.data(), batch_targets_.data(), b, t, &k);
+      count += k;
+      continue;
     }
     student_.forward(batch_ids_.data(), b, t, pool_);
     total += ops::cross_entropy(nullptr, student_.logits(), batch_targets_.data(), b * t, vocab,
@@ -388,7 +454,8 @@ nlohmann::json step_json(const StepStats& s) {
 
 }  // namespace
 
-void Trainer::save_checkpoint(const std::string& dir) const {
+void Trainer::save_checkpoint(const std::string& dir) {
+  sync_to_host();
   const fs::path out(dir);
   fs::path tmp = out;
   tmp += ".partial-" + std::to_string(::getpid());
@@ -450,6 +517,11 @@ void Trainer::load_checkpoint(const std::string& dir) {
   read("adam_m", DType::F32, m_.data());
   read("adam_v", DType::F32, v_.data());
   read("keep", DType::U8, keep_.data());
+  if (gpu_ != nullptr) {
+    gpu_->upload_params(student_.params());
+    gpu_->upload_moments(m_.data(), v_.data());
+    gpu_->upload_keep(keep_.data());
+  }
   step_ = j.at("step").get<int64_t>();
   consumed_ = j.at("consumed_windows").get<int64_t>();
   history_.clear();

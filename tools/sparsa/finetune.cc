@@ -34,6 +34,7 @@ int run_finetune(const FinetuneArgs& a) {
                       {"recipe", o.recipe_path},
                       {"output", r.output_dir},
                       {"threads", pool.size()},
+                      {"device", r.device},
                       {"steps", r.steps},
                       {"total_steps", r.total_steps},
                       {"tokens", r.tokens},
@@ -50,10 +51,10 @@ int run_finetune(const FinetuneArgs& a) {
     return 0;
   }
   std::cout << fmt::format(
-      "steps        {} of {} ({} tokens, {:.1f} s, {:.0f} tokens/s on {} threads)\n"
+      "steps        {} of {} ({} tokens, {:.1f} s, {:.0f} tokens/s on {})\n"
       "train loss   {:.4f} -> {:.4f}\nvalid CE     {:.4f} -> {:.4f}\nsparsity     {:.2f}% of "
       "the masked weights\n",
-      r.steps, r.total_steps, r.tokens, r.seconds, r.tokens_per_s, pool.size(), r.first_loss,
+      r.steps, r.total_steps, r.tokens, r.seconds, r.tokens_per_s, r.device, r.first_loss,
       r.last_loss, r.valid_ce_before, r.valid_ce_after, 100 * r.sparsity);
   for (const std::string& c : r.checkpoints) std::cout << "checkpoint   " << c << "\n";
   std::cout << (r.output_dir.empty() ? std::string("stopped early; no model written\n")
@@ -79,6 +80,10 @@ void add_finetune_command(CLI::App& app) {
       ->required();
   cmd->add_option("-o,--output", a->opt.output_dir, "output model directory")->required();
   cmd->add_option("--device", a->opt.device, "cpu or cuda")->capture_default_str();
+  cmd->add_option("--precision", a->opt.precision,
+                  "GEMMs on the GPU: bf16 (tensor cores, fp32 accumulation) or fp32")
+      ->check(CLI::IsMember({"bf16", "fp32"}))
+      ->capture_default_str();
   cmd->add_option("--max-tokens", a->opt.max_tokens,
                   "training tokens (overrides the recipe's steps / max_tokens)");
   cmd->add_option("--checkpoint-dir", a->opt.checkpoint_dir,

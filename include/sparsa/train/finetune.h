@@ -38,6 +38,7 @@ struct FinetuneOptions {
   std::string checkpoint_dir;  // default: output_dir + ".checkpoints"
   std::string resume_dir;      // a checkpoint directory (step-NNNNNN) to continue from
   std::string device = "cpu";  // cpu | cuda
+  std::string precision = "bf16";  // GEMMs on the GPU: bf16 (tensor cores, fp32 accumulation) | fp32
   int64_t max_tokens = 0;      // > 0: overrides the recipe's steps / max_tokens
   int64_t stop_after = 0;      // > 0: stop after this step with a checkpoint, write no model
   bool overwrite = false;
@@ -45,6 +46,7 @@ struct FinetuneOptions {
 };
 
 struct FinetuneReport {
+  std::string device;         // where the steps ran (Trainer::device_description)
   int64_t steps = 0;          // optimizer steps taken in this run
   int64_t total_steps = 0;
   int64_t tokens = 0;         // training tokens seen in this run

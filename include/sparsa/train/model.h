@@ -44,6 +44,8 @@ class Model {
   static Model load(const std::string& dir);
 
   const io::ModelConfig& config() const { return config_; }
+  /// RoPE inverse frequencies [head_dim / 2] (rope scaling applied), as model::Model uses them.
+  const std::vector<float>& inv_freq() const { return inv_freq_; }
   const std::vector<ParamTensor>& tensors() const { return tensors_; }
   /// nullptr when absent.
   const ParamTensor* find(const std::string& name) const;

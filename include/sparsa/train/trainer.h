@@ -13,12 +13,15 @@
 //
 // A step's result depends only on the state and the data (never on timing): resuming from a
 // checkpoint with the same thread count reproduces an uninterrupted run bit for bit.
+// The same step runs on the GPU after use_cuda() (sparsa/train/cuda.h): the weights, moments
+// and masks then live there, and sync_to_host() brings them back (checkpoints do it themselves).
 // Quantization-aware and clustering-aware (DKM) fine-tuning hook in where the weights are used
 // (a fake-quantized or soft-clustered copy in the forward, straight-through gradients); they
 // are not implemented yet.
 #pragma once
 
 #include <cstdint>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -28,6 +31,10 @@
 #include "sparsa/train/ops.h"
 
 namespace sparsa::train {
+
+namespace cuda {
+class Engine;
+}
 
 /// Learning rate of optimizer step `step` (0-based) of `total`: linear warmup to lr over
 /// warmup_steps (step + 1) / warmup, then a cosine from lr down to lr · min_lr_ratio at the end.
@@ -98,6 +105,18 @@ class Trainer {
   /// (> 0) or the stage's max_tokens is given. Throws naming the stage and field at fault.
   Trainer(Model& student, Model* teacher, const compress::Stage& stage, TokenData data,
           ThreadPool& pool, int64_t max_tokens_override = 0);
+  ~Trainer();
+  Trainer(const Trainer&) = delete;
+  Trainer& operator=(const Trainer&) = delete;
+
+  /// Runs the following steps on CUDA device `device` with GEMMs in `matmul` precision ("bf16"
+  /// or "fp32"); throws naming why when there is no usable GPU.
+  void use_cuda(const std::string& matmul, int device = 0);
+  bool on_gpu() const { return gpu_ != nullptr; }
+  /// "cpu (N threads)" or the GPU's name and GEMM precision.
+  std::string device_description() const;
+  /// Copies the weights and AdamW moments back from the GPU (nothing to do on the CPU).
+  void sync_to_host();
 
   int64_t step() const { return step_; }
   int64_t total_steps() const { return total_steps_; }
@@ -121,7 +140,7 @@ class Trainer {
 
   /// Writes weights, AdamW moments, masks, step, data position and the loss history into DIR
   /// (a temporary directory renamed into place).
-  void save_checkpoint(const std::string& dir) const;
+  void save_checkpoint(const std::string& dir);
   /// Restores what save_checkpoint wrote; the model shape and the data must be the same.
   void load_checkpoint(const std::string& dir);
 
@@ -146,6 +165,7 @@ class Trainer {
   std::vector<int32_t> batch_ids_, batch_targets_;
   std::vector<StepStats> history_;
   std::vector<EvalStats> evals_;
+  std::unique_ptr<cuda::Engine> gpu_;
 };
 
 }  // namespace sparsa::train
