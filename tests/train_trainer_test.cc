@@ -255,6 +255,19 @@ TEST(FinetuneRecipe, ReadsTheShippedRecipes) {
   EXPECT_EQ(d, (compress::DistillationArgs{1.0, 1.0, 1.0, 2.0}));
   EXPECT_EQ(Recipe::from_yaml(sq.to_yaml(), "again"), sq) << sq.to_yaml();
 
+  // The GPU-scale recipes: 48 M tokens of 32 x 512 at 3e-4; one with cross-entropy, one without.
+  for (const char* name : {"finetune-squarehead-50m", "finetune-distill-50m"}) {
+    const Recipe big = Recipe::from_file(testing::source_dir() + "/recipes/" + name + ".yaml");
+    const compress::TrainingArgs& t = big.finetune_stage()->training;
+    EXPECT_EQ(t.max_tokens, 48000000) << name;
+    EXPECT_EQ(t.batch_size * t.seq_len, 32 * 512) << name;
+    EXPECT_DOUBLE_EQ(t.lr, 3e-4) << name;
+    const auto& dd = std::get<compress::DistillationArgs>(big.finetune_stage()->modifiers[1].args);
+    EXPECT_EQ(dd.ce, std::string(name) == "finetune-distill-50m" ? 0.0 : 1.0) << name;
+    EXPECT_EQ(dd.kl, 1.0) << name;
+    EXPECT_EQ(dd.squarehead, 1.0) << name;
+  }
+
   const Recipe gp = Recipe::from_file(testing::source_dir() + "/recipes/gradual-prune-70.yaml");
   const auto& g = std::get<compress::GradualPruningArgs>(gp.finetune_stage()->modifiers[0].args);
   EXPECT_EQ(g, (compress::GradualPruningArgs{0.0, 0.7, 0, 300, 10}));

@@ -367,26 +367,26 @@ StepStats Trainer::train_step() {
                          static_cast<float>(args_.beta2), static_cast<float>(args_.eps), 0.0f};
     st.grad_norm = gpu_->optimizer_step(updates, args_.clip, opt, step_ + 1);
   } else {
-  // Masked gradients: pruned weights get no update (and no weight decay either, below).
-  for (size_t i = 0; i < ts.size(); ++i)
-    if (tensor_masked_[i])
-      ops::apply_mask(student_.grads() + ts[i].offset, keep_.data() + ts[i].offset, ts[i].numel,
-                      pool_);
-  const double norm = std::sqrt(ops::sum_of_squares(student_.grads(), student_.num_params(), pool_));
-  st.grad_norm = norm;
-  if (args_.clip > 0 && norm > args_.clip)
-    ops::scale(student_.grads(), static_cast<float>(args_.clip / norm), student_.num_params(), pool_);
-  st.lr = learning_rate(args_, step_, total_steps_);
-  ops::AdamW opt{static_cast<float>(st.lr), static_cast<float>(args_.beta1),
-                 static_cast<float>(args_.beta2), static_cast<float>(args_.eps), 0.0f};
-  for (size_t i = 0; i < ts.size(); ++i) {
-    opt.weight_decay = ts[i].matrix ? static_cast<float>(args_.weight_decay) : 0.0f;
-    const int64_t off = ts[i].offset;
-    ops::adamw_update(student_.params() + off, student_.grads() + off, m_.data() + off,
-                      v_.data() + off, ts[i].numel, opt, step_ + 1, pool_);
-    if (tensor_masked_[i])
-      ops::apply_mask(student_.params() + off, keep_.data() + off, ts[i].numel, pool_);
-  }
+    // Masked gradients: pruned weights get no update (and no weight decay either, below).
+    for (size_t i = 0; i < ts.size(); ++i)
+      if (tensor_masked_[i])
+        ops::apply_mask(student_.grads() + ts[i].offset, keep_.data() + ts[i].offset, ts[i].numel,
+                        pool_);
+    const double norm = std::sqrt(ops::sum_of_squares(student_.grads(), student_.num_params(), pool_));
+    st.grad_norm = norm;
+    if (args_.clip > 0 && norm > args_.clip)
+      ops::scale(student_.grads(), static_cast<float>(args_.clip / norm), student_.num_params(), pool_);
+    st.lr = learning_rate(args_, step_, total_steps_);
+    ops::AdamW opt{static_cast<float>(st.lr), static_cast<float>(args_.beta1),
+                   static_cast<float>(args_.beta2), static_cast<float>(args_.eps), 0.0f};
+    for (size_t i = 0; i < ts.size(); ++i) {
+      opt.weight_decay = ts[i].matrix ? static_cast<float>(args_.weight_decay) : 0.0f;
+      const int64_t off = ts[i].offset;
+      ops::adamw_update(student_.params() + off, student_.grads() + off, m_.data() + off,
+                        v_.data() + off, ts[i].numel, opt, step_ + 1, pool_);
+      if (tensor_masked_[i])
+        ops::apply_mask(student_.params() + off, keep_.data() + off, ts[i].numel, pool_);
+    }
   }
   ++step_;
   st.step = step_;
