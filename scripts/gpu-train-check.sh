@@ -7,6 +7,7 @@
 #   scripts/gpu-train-check.sh throughput STUDENT TEACHER DATA OUT [STEPS]
 #   scripts/gpu-train-check.sh students SHARED OUT      # SparseGPT 50%, 70%, 2:4 of SHARED/models/small
 #   scripts/gpu-train-check.sh finetune SHARED OUT      # fine-tune them (48 M tokens each)
+#   scripts/gpu-train-check.sh qat SHARED OUT           # SparseGPT 50% + GPTQ w4g128, then QAT
 #   scripts/gpu-train-check.sh eval SHARED OUT          # valid perplexity of all of them
 #
 # `grads` prunes MODEL to 50% by magnitude in PyTorch (a dense copy, so that both sides read the
@@ -83,6 +84,17 @@ finetune)
   done
   wait
   ;;
+qat)
+  # SparseGPT 50% + GPTQ 4-bit g128, then quantization-aware fine-tuning on GPTQ's grid.
+  shared=$2 out=$3
+  mkdir -p "$out"
+  "$B/sparsa" compress "$shared/models/small" -r recipes/sparsegpt-50-gptq-w4g128.yaml \
+    --calib "$shared/data/train.jsonl" -o "$out/sparsegpt-50-gptq-w4g128" --overwrite --json
+  "$B/sparsa" finetune "$out/sparsegpt-50-gptq-w4g128" --teacher "$shared/models/small" \
+    --data "$shared/data/train.jsonl" --valid "$shared/data/valid.jsonl" \
+    -r recipes/finetune-qat-w4g128.yaml --device cuda -o "$out/sparsegpt-50-gptq-w4g128-qat" \
+    --overwrite --json
+  ;;
 eval)
   # Valid perplexity (the shared protocol) of the students and their fine-tuned versions.
   shared=$2 out=$3
@@ -92,7 +104,7 @@ eval)
   done
   ;;
 *)
-  sed -n 2,16p "$0"
+  sed -n 2,17p "$0"
   exit 2
   ;;
 esac

@@ -13,6 +13,8 @@
 #include <nlohmann/json.hpp>
 
 #include "sparsa/core/mapped_file.h"
+#include "sparsa/io/compressed_tensors.h"
+#include "sparsa/io/safetensors.h"
 #include "sparsa/model/llama.h"
 #include "sparsa/train/cuda.h"
 #include "sparsa/train/model.h"
@@ -129,6 +131,73 @@ TEST_F(FinetuneCli, TrainsAPrunedStudentAndResumesBitForBit) {
   EXPECT_EQ(read_text_file((dir_ / "out_b" / "model.safetensors").string()),
             read_text_file((out / "model.safetensors").string()));
   EXPECT_EQ(read_text_file((dir_ / "out_b" / "valid_log.csv").string()), valid);
+}
+
+TEST_F(FinetuneCli, QuantizationAwareTrainingKeepsTheGptqGridAndWritesPackQuantized) {
+  // SparseGPT 50% + GPTQ 4-bit g128 of models/tiny, fine-tuned with the shipped QAT recipe's
+  // modifiers at a test's size.
+  const CliRun c = run("compress '" + testing::tiny_model_dir() + "' -r '" +
+                       testing::source_dir() + "/recipes/sparsegpt-50-gptq-w4g128.yaml' --calib " +
+                       path("data.jsonl") + " --samples 4 --seq-len 32 -t 2 -o " +
+                       path("student") + " --json");
+  ASSERT_EQ(c.code, 0) << c.out;
+  std::string recipe = read_text_file(testing::source_dir() + "/recipes/finetune-qat-w4g128.yaml");
+  auto set = [&](const std::string& key, const std::string& value) {
+    const size_t at = recipe.find("    " + key + ": ");
+    ASSERT_NE(at, std::string::npos) << key;
+    recipe.replace(at, recipe.find('\n', at) - at, "    " + key + ": " + value);
+  };
+  set("max_tokens", "384");  // 6 steps of 2 x 32
+  set("batch_size", "2");
+  set("seq_len", "32");
+  set("warmup_steps", "1");
+  set("lr", "1.0e-2");
+  set("checkpoint_every", "0");
+  set("eval_every", "0");
+  set("eval_windows", "4");
+  std::ofstream(dir_ / "qat.yaml") << recipe;
+  const CliRun r = run("finetune " + path("student") + " --teacher '" + testing::tiny_model_dir() +
+                       "' --data " + path("data.jsonl") + " -r " + path("qat.yaml") +
+                       " -t 2 --json -o " + path("out"));
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(json::parse(r.out.substr(r.out.find('{')))["steps"], 6);
+
+  const json cfg = json::parse(read_text_file((dir_ / "out" / "config.json").string()));
+  const json& q = cfg.at("quantization_config");
+  EXPECT_EQ(q.at("format"), "pack-quantized") << q.dump();
+  const io::Checkpoint a = io::Checkpoint::open_dir((dir_ / "student").string());
+  const io::Checkpoint b = io::Checkpoint::open_dir((dir_ / "out").string());
+  const io::CompressionConfig ca = io::read_compression_config(
+      json::parse(read_text_file((dir_ / "student" / "config.json").string())), "student");
+  const io::CompressionConfig cb = io::read_compression_config(cfg, "out");
+  ASSERT_TRUE(cb.quantization.has_value());
+  EXPECT_EQ(*cb.quantization, *ca.quantization);
+  int64_t moved = 0, pruned = 0;
+  for (const char* m : {"model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"}) {
+    const int64_t rows = 128, cols = std::string(m).ends_with("down_proj") ? 384 : 128;
+    const io::StoredWeight sa = io::read_stored_weight(a, m, rows, cols, ca);
+    const io::StoredWeight sb = io::read_stored_weight(b, m, rows, cols, cb);
+    ASSERT_EQ(sb.kind, io::StoredWeight::Kind::kPackQuantized) << m;
+    // The same grid (GPTQ's scales and zero points), new codes; pruned weights still 0.
+    EXPECT_EQ(sb.scales, sa.scales) << m;
+    EXPECT_EQ(sb.zeros, sa.zeros) << m;
+    const std::vector<float> wa = io::dequantize_stored_weight(sa),
+                             wb = io::dequantize_stored_weight(sb);
+    for (size_t i = 0; i < wa.size(); ++i) {
+      if (wa[i] == 0.0f) {
+        ++pruned;
+        ASSERT_EQ(wb[i], 0.0f) << m << "[" << i << "]";
+      }
+      moved += wa[i] != wb[i];
+    }
+  }
+  EXPECT_GT(pruned, 128 * 128 / 2);
+  EXPECT_GT(moved, 0);
+  // The output is a model the runtime reads.
+  const CliRun e = run("eval " + path("out") + " --data " + path("data.jsonl") +
+                       " --max-windows 2 -t 2 --json");
+  ASSERT_EQ(e.code, 0) << e.out;
+  EXPECT_GT(json::parse(e.out.substr(e.out.find('{')))["ppl"].get<double>(), 1.0);
 }
 
 TEST_F(FinetuneCli, ClearErrors) {

@@ -171,6 +171,41 @@ TEST_F(CudaTrain, TrainerStepsFollowTheCpuAndKeepMasksExactlyZero) {
   EXPECT_GT(moved, 0);
 }
 
+TEST_F(CudaTrain, QuantizationAwareStepsFollowTheCpu) {
+  ThreadPool pool(2);
+  const compress::Recipe r = compress::Recipe::from_yaml(R"(ft_stage:
+  run_type: finetune
+  training: {lr: 1e-2, warmup_steps: 1, steps: 4, batch_size: 4, seq_len: 32, clip: 1.0, seed: 5,
+             eval_windows: 8}
+  m_modifiers:
+    ConstantMaskModifier: {targets: ["re:.*_proj$"], ignore: [lm_head]}
+    QuantizationModifier: {scheme: {bits: 4, group_size: 32, symmetric: false}, targets: ["re:.*_proj$"], ignore: [lm_head]}
+    DistillationModifier: {ce: 1.0, kl: 1.0, squarehead: 0.5, temperature: 2.0}
+)",
+                                                         "cuda-qat.yaml");
+  const std::vector<int32_t> tokens = readme_tokens();
+  Model teacher = Model::load(testing::tiny_model_dir());
+  Model a = half_pruned_tiny(), b = half_pruned_tiny();
+  Trainer ta(a, &teacher, *r.finetune_stage(), TokenData(tokens, 32, 8), pool);
+  Trainer tb(b, &teacher, *r.finetune_stage(), TokenData(tokens, 32, 8), pool);
+  tb.use_cuda("fp32");
+  // The fake-quantized forward: both start from the same quantized model.
+  EXPECT_NEAR(tb.evaluate().ce, ta.evaluate().ce, 1e-5);
+  while (ta.step() < ta.total_steps()) {
+    const StepStats sa = ta.train_step(), sb = tb.train_step();
+    EXPECT_NEAR(sb.loss, sa.loss, 1e-3 * sa.loss) << "step " << sa.step;
+  }
+  EXPECT_NEAR(tb.evaluate().ce, ta.evaluate().ce, 1e-2);
+  tb.sync_to_host();
+  const Model ref = half_pruned_tiny();
+  for (const ParamTensor& t : b.tensors())
+    if (t.linear)
+      for (int64_t i = 0; i < t.numel; ++i)
+        if (ref.params()[t.offset + i] == 0.0f) {
+          ASSERT_EQ(b.params()[t.offset + i], 0.0f) << t.name;
+        }
+}
+
 TEST_F(CudaTrain, RepeatedAndResumedRunsAreBitIdentical) {
   ThreadPool pool(2);
   const compress::Recipe r = recipe(5);

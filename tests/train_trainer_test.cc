@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <random>
 
+#include "sparsa/compress/quantize.h"
 #include "sparsa/core/error.h"
 #include "sparsa/core/mapped_file.h"
 #include "sparsa/runtime/perplexity.h"
@@ -217,6 +218,79 @@ TEST(Trainer, ResumingACheckpointEqualsAnUninterruptedRunBitForBit) {
   fs::remove_all(dir);
 }
 
+TEST(FakeQuant, RoundTripsRtnWeightsAndKeepsPrunedZeros) {
+  std::mt19937 rng(7);
+  std::normal_distribution<float> nd(0.0f, 0.05f);
+  const int64_t rows = 6, cols = 64;
+  compress::Matrix w(rows, cols);
+  for (float& x : w.data) x = nd(rng);
+  std::vector<uint8_t> keep(static_cast<size_t>(rows * cols), 1);
+  for (size_t i = 0; i < keep.size(); i += 3) keep[i] = 0, w.data[i] = 0.0f;
+  const std::vector<float> original = w.data;
+  const compress::Mask mask = keep;
+  const compress::QuantResult q =
+      compress::rtn_quantize(w, {.bits = 4, .symmetric = false, .group_size = 16}, &mask);
+  const FakeQuantGrid g = rtn_grid(original.data(), keep.data(), rows, cols, 4, 16, false);
+  ASSERT_EQ(g.n_groups, 4);
+  EXPECT_EQ(g.scales, q.scales);
+  // Weights already on the grid come back unchanged, with RTN's codes; zeros stay 0.
+  std::vector<float> out(w.data.size());
+  std::vector<uint8_t> codes(w.data.size());
+  fake_quantize(w.data.data(), out.data(), g, codes.data());
+  EXPECT_EQ(out, w.data);
+  EXPECT_EQ(codes, q.codes);
+  fake_quantize(original.data(), out.data(), g, nullptr);
+  EXPECT_EQ(out, w.data);
+  for (size_t i = 0; i < keep.size(); i += 3) EXPECT_EQ(out[i], 0.0f);
+}
+
+const char* kQatModifiers = R"(    ConstantMaskModifier: {targets: ["re:.*_proj$"], ignore: [lm_head]}
+    QuantizationModifier: {scheme: {bits: 4, group_size: 32, symmetric: false}, targets: ["re:.*mlp.*_proj$"], ignore: [lm_head]}
+    DistillationModifier: {ce: 1.0, kl: 1.0, squarehead: 0.5, temperature: 2.0}
+)";
+
+TEST(Trainer, QuantizationAwareStepsComputeOnTheGridAndKeepMasks) {
+  ThreadPool pool(2);
+  Model student = pruned_tiny();
+  const std::vector<float> before(student.params(), student.params() + student.num_params());
+  Model teacher = Model::load(testing::tiny_model_dir());
+  const Recipe r = finetune_recipe(kQatModifiers, 8);
+  Trainer trainer(student, &teacher, *r.finetune_stage(), TokenData(repo_tokens(), 32, 8), pool);
+  const std::vector<std::string> qt = trainer.quantized_tensors();
+  ASSERT_EQ(qt.size(), 6u);  // gate, up, down of 2 layers
+  EXPECT_EQ(qt[0], "model.layers.0.mlp.gate_proj.weight");
+  const EvalStats e0 = trainer.evaluate();
+  while (trainer.step() < trainer.total_steps()) trainer.train_step();
+  EXPECT_LT(trainer.evaluate().ce, e0.ce);
+  ASSERT_TRUE(student.has_forward_weights());
+  const float* fw = student.forward_weights();
+  int64_t off_grid = 0;
+  for (const ParamTensor& t : student.tensors()) {
+    const bool quant = std::find(qt.begin(), qt.end(), t.name) != qt.end();
+    std::vector<float> expect(student.params() + t.offset, student.params() + t.offset + t.numel);
+    if (quant) {
+      fake_quantize(student.params() + t.offset, expect.data(), trainer.quant_grid(t.name));
+      for (int64_t i = 0; i < t.numel; ++i) off_grid += expect[i] != student.params()[t.offset + i];
+    }
+    // The forward weights: the fake-quantized masters of the quantized tensors, the masters of
+    // the others.
+    ASSERT_EQ(std::memcmp(fw + t.offset, expect.data(), static_cast<size_t>(t.numel) * 4), 0)
+        << t.name;
+    if (!t.linear) continue;
+    for (int64_t i = 0; i < t.numel; ++i)
+      if (before[static_cast<size_t>(t.offset + i)] == 0.0f) {
+        ASSERT_EQ(student.params()[t.offset + i], 0.0f) << t.name;
+        ASSERT_EQ(fw[t.offset + i], 0.0f) << t.name;
+      }
+  }
+  EXPECT_GT(off_grid, 0);  // the masters themselves are not on the grid
+  // A grid that does not fit is refused.
+  FakeQuantGrid bad = trainer.quant_grid(qt[0]);
+  bad.bits = 3;
+  EXPECT_THROW(trainer.set_quant_grid(qt[0], bad), Error);
+  EXPECT_THROW(trainer.quant_grid("model.layers.0.self_attn.q_proj.weight"), Error);
+}
+
 TEST(Trainer, DistillationWithoutATeacherIsRefused) {
   ThreadPool pool(1);
   Model student = Model::load(testing::tiny_model_dir());
@@ -267,6 +341,12 @@ TEST(FinetuneRecipe, ReadsTheShippedRecipes) {
     EXPECT_EQ(dd.kl, 1.0) << name;
     EXPECT_EQ(dd.squarehead, 1.0) << name;
   }
+
+  const Recipe qat = Recipe::from_file(testing::source_dir() + "/recipes/finetune-qat-w4g128.yaml");
+  const auto& qm = std::get<compress::QuantizationArgs>(qat.finetune_stage()->modifiers[1].args);
+  EXPECT_EQ(qm.scheme.bits, 4);
+  EXPECT_EQ(qm.scheme.group_size, 128);
+  EXPECT_FALSE(qm.scheme.symmetric);
 
   const Recipe gp = Recipe::from_file(testing::source_dir() + "/recipes/gradual-prune-70.yaml");
   const auto& g = std::get<compress::GradualPruningArgs>(gp.finetune_stage()->modifiers[0].args);

@@ -1127,11 +1127,15 @@ Recipe Recipe::from_yaml(const std::string& text, const std::string& source) {
                   fmt::format("unknown modifier{}; known: {}", did_you_mean(mname, kModifierNames),
                               fmt::join(kModifierNames, ", ")));
         }
-        if (is_finetune_modifier(*type) != finetune) {
+        // QuantizationModifier goes in both: one-shot RTN, or quantization-aware training.
+        const bool allowed = finetune ? (is_finetune_modifier(*type) ||
+                                         *type == ModifierType::kQuantization)
+                                      : !is_finetune_modifier(*type);
+        if (!allowed) {
           mw.fail("", &mkey,
                   finetune ? "is not a fine-tuning modifier (a stage with run_type: finetune "
-                             "holds ConstantMaskModifier, GradualPruningModifier and "
-                             "DistillationModifier)"
+                             "holds ConstantMaskModifier, GradualPruningModifier, "
+                             "DistillationModifier and QuantizationModifier)"
                            : "belongs in a stage with run_type: finetune");
         }
         Modifier mod = read_modifier(margs, *type, mw);

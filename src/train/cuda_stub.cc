@@ -38,6 +38,8 @@ void Engine::upload_moments(const float*, const float*) {}
 void Engine::download_params(float*) const {}
 void Engine::download_moments(float*, float*) const {}
 void Engine::download_grads(float*) const {}
+void Engine::set_fake_quant(const std::vector<FakeQuantTensor>&) {}
+void Engine::refresh_fake_quant() {}
 void Engine::zero_grad() {}
 Losses Engine::micro_batch(const int32_t*, const int32_t*, int64_t, int64_t, const LossWeights&,
                            float) {

@@ -62,7 +62,8 @@ std::string csv_number(double x) { return fmt::format("{:.6g}", x); }
 size_t write_hf_checkpoint(const Model& model, const std::string& source_dir,
                            const std::string& dir, DType dt,
                            const std::vector<std::string>& sparse_tensors, bool overwrite,
-                           const std::vector<std::pair<std::string, std::string>>& extra_files) {
+                           const std::vector<std::pair<std::string, std::string>>& extra_files,
+                           const QuantizedOutput* quantized) {
   SPARSA_CHECK(dt == DType::F32 || dt == DType::BF16 || dt == DType::F16,
                "finetune: cannot write weights as {}", dtype_name(dt));
   const fs::path out(dir);
@@ -89,10 +90,60 @@ size_t write_hf_checkpoint(const Model& model, const std::string& source_dir,
     buffers.reserve(model.tensors().size() * 4);
     int64_t zeros = 0, sparse_total = 0;
     std::vector<std::string> ignore = {"lm_head"};
+    std::vector<std::string> quant_ignore = {"lm_head"};
+    int64_t quant_count = 0;
     for (const ParamTensor& t : model.tensors()) {
       const float* w = model.params() + t.offset;
-      const bool sparse = std::find(sparse_tensors.begin(), sparse_tensors.end(), t.name) !=
+      const bool listed = std::find(sparse_tensors.begin(), sparse_tensors.end(), t.name) !=
                           sparse_tensors.end();
+      const FakeQuantGrid* grid = nullptr;
+      if (quantized != nullptr)
+        for (const auto& [name, g] : quantized->tensors)
+          if (name == t.name) grid = g;
+      if (grid != nullptr) {
+        // pack-quantized, as `sparsa compress` writes GPTQ's output (compressed-tensors).
+        const int64_t rows = grid->rows, cols = grid->cols, ng = grid->n_groups;
+        const std::string mod = module_of(t.name);
+        std::vector<float> deq(static_cast<size_t>(rows * cols));
+        std::vector<uint8_t> codes(deq.size());
+        fake_quantize(w, deq.data(), *grid, codes.data());
+        if (listed) {
+          for (float x : deq) zeros += x == 0.0f;
+          sparse_total += rows * cols;
+        }
+        std::vector<int32_t> packed = io::pack_quantized(codes, rows, cols, grid->bits);
+        std::vector<uint8_t> bytes(packed.size() * 4);
+        std::memcpy(bytes.data(), packed.data(), bytes.size());
+        add(mod + ".weight_packed", DType::I32, {rows, io::packed_words(cols, grid->bits)},
+            std::move(bytes));
+        std::vector<uint8_t> sc(grid->scales.size() * 4);
+        std::memcpy(sc.data(), grid->scales.data(), sc.size());
+        add(mod + ".weight_scale", DType::F32, {rows, ng}, std::move(sc));
+        if (!quantized->scheme.symmetric) {
+          std::vector<uint8_t> z(grid->zeros.size());
+          for (size_t j = 0; j < z.size(); ++j) z[j] = static_cast<uint8_t>(grid->zeros[j]);
+          std::vector<int32_t> pz = io::pack_zero_points(z, rows, ng, grid->bits);
+          std::vector<uint8_t> zb(pz.size() * 4);
+          std::memcpy(zb.data(), pz.data(), zb.size());
+          add(mod + ".weight_zero_point", DType::I32, {io::packed_words(rows, grid->bits), ng},
+              std::move(zb));
+        }
+        if (quantized->scheme.actorder != compress::ActOrder::kNone) {
+          std::vector<uint8_t> gi(grid->g_idx.size() * 4);
+          std::memcpy(gi.data(), grid->g_idx.data(), gi.size());
+          add(mod + ".weight_g_idx", DType::I32, {cols}, std::move(gi));
+        }
+        std::vector<uint8_t> shape(2 * sizeof(int64_t));
+        const int64_t rc[2] = {rows, cols};
+        std::memcpy(shape.data(), rc, shape.size());
+        add(mod + ".weight_shape", DType::I64, {2}, std::move(shape));
+        ++quant_count;
+        continue;
+      }
+      if (quantized != nullptr && t.linear) quant_ignore.push_back(module_of(t.name));
+      // With quantization the sparsity block is descriptive ("dense"): masked tensors that are
+      // not quantized are written as plain weights.
+      const bool sparse = listed && quantized == nullptr;
       std::vector<uint8_t> dense = encode(w, t.numel, dt);
       if (!sparse) {
         if (t.linear) ignore.push_back(module_of(t.name));
@@ -120,9 +171,19 @@ size_t write_hf_checkpoint(const Model& model, const std::string& source_dir,
     nlohmann::json config =
         nlohmann::json::parse(read_text_file((fs::path(source_dir) / "config.json").string()));
     io::CompressionConfig cc;
+    if (quantized != nullptr && quant_count > 0) {
+      io::QuantizationConfig q;
+      q.bits = quantized->scheme.bits;
+      q.group_size = quantized->scheme.group_size;
+      q.symmetric = quantized->scheme.symmetric;
+      q.actorder = quantized->scheme.actorder == compress::ActOrder::kNone ? io::ActOrder::kNone
+                                                                          : io::ActOrder::kGroup;
+      q.ignore = quant_ignore;
+      cc.quantization = q;
+    }
     if (sparse_total > 0) {
       io::SparsityConfig s;
-      s.format = "sparse-bitmask";
+      s.format = cc.quantization ? "dense" : "sparse-bitmask";
       s.structure = "unstructured";
       s.global_sparsity = static_cast<double>(zeros) / static_cast<double>(sparse_total);
       s.ignore = ignore;
@@ -281,6 +342,38 @@ FinetuneReport finetune(const FinetuneOptions& o, ThreadPool& pool) {
                                    seq, eval_windows);
   Trainer trainer(student, teacher ? &*teacher : nullptr, *stage, std::move(data), pool,
                   o.max_tokens);
+  // Quantization-aware tensors stored quantized keep their grid (GPTQ's, say).
+  if (const compress::QuantScheme* qs = trainer.quant_scheme()) {
+    const io::CompressionConfig scc = io::read_compression_config(
+        nlohmann::json::parse(read_text_file((fs::path(o.student_dir) / "config.json").string())),
+        o.student_dir + "/config.json");
+    for (const std::string& name : trainer.quantized_tensors()) {
+      const std::string mod = module_of(name);
+      if (!io::is_compressed_weight(student_ck, mod)) continue;
+      const ParamTensor* t = student.find(name);
+      const int64_t rows = t->shape.at(0), cols = t->shape.at(1);
+      io::StoredWeight sw = io::read_stored_weight(student_ck, mod, rows, cols, scc);
+      if (sw.kind != io::StoredWeight::Kind::kPackQuantized) continue;
+      SPARSA_CHECK(sw.bits == qs->bits && scc.quantization &&
+                       scc.quantization->symmetric == qs->symmetric &&
+                       scc.quantization->group_size == qs->group_size,
+                   "{}: '{}' is stored with {}-bit codes ({}, group {}); the recipe's "
+                   "QuantizationModifier trains {} bits ({}, group {})",
+                   o.student_dir, mod, sw.bits,
+                   scc.quantization && scc.quantization->symmetric ? "symmetric" : "asymmetric",
+                   scc.quantization ? scc.quantization->group_size : 0, qs->bits,
+                   qs->symmetric ? "symmetric" : "asymmetric", qs->group_size);
+      FakeQuantGrid g;
+      g.bits = sw.bits;
+      g.rows = rows;
+      g.cols = cols;
+      g.n_groups = sw.n_groups;
+      g.scales = std::move(sw.scales);
+      g.zeros.assign(sw.zeros.begin(), sw.zeros.end());
+      g.g_idx = std::move(sw.g_idx);
+      trainer.set_quant_grid(name, std::move(g));
+    }
+  }
   if (o.device == "cuda") trainer.use_cuda(o.precision);
   if (!o.resume_dir.empty()) trainer.load_checkpoint(o.resume_dir);
 
@@ -341,11 +434,18 @@ FinetuneReport finetune(const FinetuneOptions& o, ThreadPool& pool) {
   std::vector<std::string> sparse;
   for (const ParamTensor& t : student.tensors())
     if (trainer.masked(t.name)) sparse.push_back(t.name);
+  QuantizedOutput qout;
+  if (const compress::QuantScheme* qs = trainer.quant_scheme()) {
+    qout.scheme = *qs;
+    for (const std::string& name : trainer.quantized_tensors())
+      qout.tensors.push_back({name, &trainer.quant_grid(name)});
+  }
   write_hf_checkpoint(student, o.student_dir, o.output_dir, out_dtype, sparse, o.overwrite,
                       {{"recipe.yaml", recipe.to_yaml()},
                        {"train_log.csv", train_csv},
                        {"valid_log.csv", valid_csv},
-                       {"loss.svg", loss_svg(trainer.history(), trainer.evals())}});
+                       {"loss.svg", loss_svg(trainer.history(), trainer.evals())}},
+                      trainer.quant_scheme() != nullptr ? &qout : nullptr);
   rep.output_dir = o.output_dir;
   return rep;
 }

@@ -148,11 +148,18 @@ void Model::enable_gradients() {
   }
 }
 
+float* Model::forward_weights() {
+  if (fwd_.empty()) fwd_ = params_;
+  return fwd_.data();
+}
+
 void Model::zero_grad() { std::fill(grads_.begin(), grads_.end(), 0.0f); }
 
-std::vector<Model::LayerParams> Model::layer_views(float* base) const {
+std::vector<Model::LayerParams> Model::layer_views(const float* base) const {
   std::vector<LayerParams> out;
-  auto at = [base](int64_t off) { return off < 0 ? nullptr : base + off; };
+  // The views are mutable for the gradient buffer; parameters are only read through them.
+  float* b = const_cast<float*>(base);
+  auto at = [b](int64_t off) { return off < 0 ? nullptr : b + off; };
   for (const LayerOffsets& o : layer_offsets_) {
     out.push_back({at(o.attn_norm), at(o.wq), at(o.wk), at(o.wv), at(o.wo), at(o.mlp_norm),
                    at(o.wgate), at(o.wup), at(o.wdown), at(o.bq), at(o.bk), at(o.bv), at(o.bo),
@@ -255,9 +262,10 @@ void Model::forward(const int32_t* ids, int64_t batch, int64_t seq, ThreadPool& 
                 kd = c.num_kv_heads * c.head_dim, f = c.intermediate_size, hd = c.head_dim;
   const float eps = static_cast<float>(c.rms_norm_eps);
   const ops::AttentionShape shape{batch, seq, c.num_heads, c.num_kv_heads, hd};
-  const std::vector<LayerParams> P = layer_views(params_.data());
+  const float* W = weights();
+  const std::vector<LayerParams> P = layer_views(W);
   ops::rope_tables(cos_, sin_, inv_freq_.data(), seq, hd / 2);
-  ops::embedding_forward(x0_, ids, params_.data() + embed_, n, h);
+  ops::embedding_forward(x0_, ids, W + embed_, n, h);
   const float* x = x0_;
   for (int64_t l = 0; l < c.num_layers; ++l) {
     const LayerParams& p = P[static_cast<size_t>(l)];
@@ -279,8 +287,8 @@ void Model::forward(const int32_t* ids, int64_t batch, int64_t seq, ThreadPool& 
     ops::add_inplace(a.res3, a.res2, n * h, pool);
     x = a.res3;
   }
-  ops::rmsnorm_forward(lnf_, rstdf_, x, params_.data() + final_norm_, n, h, eps, pool);
-  ops::matmul_forward(logits_, lnf_, params_.data() + lm_head_, nullptr, n, h, c.vocab_size, pool);
+  ops::rmsnorm_forward(lnf_, rstdf_, x, W + final_norm_, n, h, eps, pool);
+  ops::matmul_forward(logits_, lnf_, W + lm_head_, nullptr, n, h, c.vocab_size, pool);
   if (!grad_acts_.empty()) {
     std::fill_n(dlogits_, n * c.vocab_size, 0.0f);
     for (float* d : dblock_) std::fill_n(d, n * h, 0.0f);
@@ -296,17 +304,18 @@ void Model::backward(ThreadPool& pool) {
   const int64_t h = c.hidden_size, qd = c.num_heads * c.head_dim,
                 kd = c.num_kv_heads * c.head_dim, f = c.intermediate_size, hd = c.head_dim;
   const ops::AttentionShape shape{batch, seq, c.num_heads, c.num_kv_heads, hd};
-  const std::vector<LayerParams> P = layer_views(params_.data());
+  const float* W = weights();
+  const std::vector<LayerParams> P = layer_views(W);
   const std::vector<LayerParams> G = layer_views(grads_.data());
   auto zero = [](float* p, int64_t size) { std::fill_n(p, size, 0.0f); };
 
   zero(dln_, n * h);
-  ops::matmul_backward(dln_, grads_.data() + lm_head_, nullptr, dlogits_, lnf_,
-                       params_.data() + lm_head_, n, h, c.vocab_size, pool);
+  ops::matmul_backward(dln_, grads_.data() + lm_head_, nullptr, dlogits_, lnf_, W + lm_head_, n,
+                       h, c.vocab_size, pool);
   zero(dres_, n * h);
   const float* last = layer_acts_.back().res3;
-  ops::rmsnorm_backward(dres_, grads_.data() + final_norm_, dln_, last,
-                        params_.data() + final_norm_, rstdf_, n, h, pool);
+  ops::rmsnorm_backward(dres_, grads_.data() + final_norm_, dln_, last, W + final_norm_, rstdf_, n,
+                        h, pool);
   for (int64_t l = c.num_layers - 1; l >= 0; --l) {
     const LayerParams& p = P[static_cast<size_t>(l)];
     const LayerParams& g = G[static_cast<size_t>(l)];

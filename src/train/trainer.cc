@@ -11,6 +11,7 @@
 #include <nlohmann/json.hpp>
 #include <numbers>
 
+#include "sparsa/compress/quantize.h"
 #include "sparsa/core/error.h"
 #include "sparsa/core/mapped_file.h"
 #include "sparsa/io/safetensors.h"
@@ -61,6 +62,46 @@ void magnitude_prune(float* w, uint8_t* keep, int64_t numel, double sparsity) {
     keep[i] = 0;
     w[i] = 0.0f;
   }
+}
+
+void fake_quantize(const float* w, float* out, const FakeQuantGrid& g, uint8_t* codes) {
+  const float maxq = static_cast<float>((1 << g.bits) - 1);
+  for (int64_t r = 0; r < g.rows; ++r) {
+    const float* s = g.scales.data() + r * g.n_groups;
+    const float* z = g.zeros.data() + r * g.n_groups;
+    for (int64_t c = 0; c < g.cols; ++c) {
+      const int32_t k = g.g_idx[static_cast<size_t>(c)];
+      const compress::QuantGrid grid{s[k], z[k]};
+      const float q = compress::quant_code(w[r * g.cols + c], grid, maxq);
+      out[r * g.cols + c] = compress::dequant_code(q, grid);
+      if (codes != nullptr) codes[r * g.cols + c] = static_cast<uint8_t>(q);
+    }
+  }
+}
+
+FakeQuantGrid rtn_grid(const float* w, const uint8_t* keep, int64_t rows, int64_t cols, int bits,
+                       int64_t group_size, bool symmetric) {
+  const int64_t gs = group_size > 0 ? group_size : cols;
+  SPARSA_CHECK(bits >= 2 && bits <= 8 && cols % gs == 0,
+               "train: cannot quantize {} columns to {} bits in groups of {}", cols, bits, gs);
+  FakeQuantGrid g;
+  g.bits = bits;
+  g.rows = rows;
+  g.cols = cols;
+  g.n_groups = cols / gs;
+  g.scales.resize(static_cast<size_t>(rows * g.n_groups));
+  g.zeros.resize(g.scales.size());
+  g.g_idx.resize(static_cast<size_t>(cols));
+  for (int64_t c = 0; c < cols; ++c) g.g_idx[static_cast<size_t>(c)] = static_cast<int32_t>(c / gs);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t k = 0; k < g.n_groups; ++k) {
+      const int64_t off = r * cols + k * gs;
+      const compress::QuantGrid q = compress::find_quant_grid(
+          w + off, gs, bits, symmetric, keep != nullptr ? keep + off : nullptr);
+      g.scales[static_cast<size_t>(r * g.n_groups + k)] = q.scale;
+      g.zeros[static_cast<size_t>(r * g.n_groups + k)] = q.zero;
+    }
+  return g;
 }
 
 // ---- data ---------------------------------------------------------------------------------------
@@ -212,8 +253,99 @@ Trainer::Trainer(Model& student, Model* teacher, const compress::Stage& stage, T
                    where, g->end_step, total_steps_);
     }
   }
+  // Quantization-aware training: the stage's QuantizationModifier (at most one) and its targets.
+  grids_.assign(ts.size(), FakeQuantGrid{});
+  for (const compress::Modifier& m : modifiers_) {
+    const auto* q = std::get_if<compress::QuantizationArgs>(&m.args);
+    if (q == nullptr) continue;
+    SPARSA_CHECK(!qat_, "train: {}: one QuantizationModifier per finetune stage", where);
+    SPARSA_CHECK(q->scheme.input_activation_bits == 0,
+                 "train: {}, modifier 'QuantizationModifier': quantization-aware training fakes "
+                 "weight quantization only (input_activations are not supported)",
+                 where);
+    qat_ = true;
+    qat_scheme_ = q->scheme;
+    for (size_t i = 0; i < ts.size(); ++i) {
+      if (!ts[i].linear || !m.applies_to(ts[i].name)) continue;
+      const int64_t rows = ts[i].shape.at(0), cols = ts[i].shape.at(1);
+      SPARSA_CHECK(q->scheme.group_size == 0 || cols % q->scheme.group_size == 0,
+                   "train: {}, modifier 'QuantizationModifier', field 'group_size': {} does not "
+                   "divide the {} columns of {}",
+                   where, q->scheme.group_size, cols, ts[i].name);
+      const uint8_t* keep = tensor_masked_[i] ? keep_.data() + ts[i].offset : nullptr;
+      grids_[i] = rtn_grid(student_.params() + ts[i].offset, keep, rows, cols, q->scheme.bits,
+                           q->scheme.group_size, q->scheme.symmetric);
+    }
+  }
   m_.assign(static_cast<size_t>(student_.num_params()), 0.0f);
   v_.assign(m_.size(), 0.0f);
+  refresh_forward_weights();
+}
+
+std::vector<std::string> Trainer::quantized_tensors() const {
+  std::vector<std::string> out;
+  const std::vector<ParamTensor>& ts = student_.tensors();
+  for (size_t i = 0; i < ts.size(); ++i)
+    if (grids_[i].rows > 0) out.push_back(ts[i].name);
+  return out;
+}
+
+const FakeQuantGrid& Trainer::quant_grid(const std::string& tensor) const {
+  const std::vector<ParamTensor>& ts = student_.tensors();
+  for (size_t i = 0; i < ts.size(); ++i)
+    if (ts[i].name == tensor && grids_[i].rows > 0) return grids_[i];
+  fail("train: '{}' is not a quantization-aware tensor", tensor);
+}
+
+void Trainer::set_quant_grid(const std::string& tensor, FakeQuantGrid grid) {
+  const std::vector<ParamTensor>& ts = student_.tensors();
+  for (size_t i = 0; i < ts.size(); ++i) {
+    if (ts[i].name != tensor || grids_[i].rows == 0) continue;
+    const FakeQuantGrid& old = grids_[i];
+    SPARSA_CHECK(grid.bits == old.bits && grid.rows == old.rows && grid.cols == old.cols &&
+                     grid.n_groups > 0 &&
+                     static_cast<int64_t>(grid.scales.size()) == grid.rows * grid.n_groups &&
+                     grid.zeros.size() == grid.scales.size() &&
+                     static_cast<int64_t>(grid.g_idx.size()) == grid.cols,
+                 "train: the grid given for '{}' ({} bits, {}x{}, {} groups) does not fit the "
+                 "recipe's ({} bits, {}x{})",
+                 tensor, grid.bits, grid.rows, grid.cols, grid.n_groups, old.bits, old.rows,
+                 old.cols);
+    for (int32_t k : grid.g_idx)
+      SPARSA_CHECK(k >= 0 && k < grid.n_groups, "train: the grid of '{}' has group index {}",
+                   tensor, k);
+    grids_[i] = std::move(grid);
+    refresh_forward_weights();
+    return;
+  }
+  fail("train: '{}' is not a quantization-aware tensor", tensor);
+}
+
+void Trainer::refresh_forward_weights() {
+  if (!qat_) return;
+  if (gpu_ != nullptr) {
+    gpu_->refresh_fake_quant();
+    return;
+  }
+  float* fw = student_.forward_weights();
+  std::memcpy(fw, student_.params(), static_cast<size_t>(student_.num_params()) * sizeof(float));
+  const std::vector<ParamTensor>& ts = student_.tensors();
+  for (size_t i = 0; i < ts.size(); ++i)
+    if (grids_[i].rows > 0)
+      fake_quantize(student_.params() + ts[i].offset, fw + ts[i].offset, grids_[i]);
+}
+
+void Trainer::upload_fake_quant() {
+  if (!qat_ || gpu_ == nullptr) return;
+  std::vector<cuda::FakeQuantTensor> list;
+  const std::vector<ParamTensor>& ts = student_.tensors();
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const FakeQuantGrid& g = grids_[i];
+    if (g.rows == 0) continue;
+    list.push_back({ts[i].offset, g.bits, g.rows, g.cols, g.n_groups, g.scales.data(),
+                    g.zeros.data(), g.g_idx.data()});
+  }
+  gpu_->set_fake_quant(list);
 }
 
 Trainer::~Trainer() = default;
@@ -223,6 +355,7 @@ void Trainer::use_cuda(const std::string& matmul, int device) {
   gpu_ = std::make_unique<cuda::Engine>(student_, needs_teacher ? teacher_ : nullptr, keep_,
                                         cuda::parse_matmul(matmul), device);
   gpu_->upload_moments(m_.data(), v_.data());
+  upload_fake_quant();
 }
 
 std::string Trainer::device_description() const {
@@ -287,6 +420,7 @@ void Trainer::update_masks(int64_t step) {
     gpu_->upload_moments(m_.data(), v_.data());
     gpu_->upload_keep(keep_.data());
   }
+  refresh_forward_weights();
 }
 
 double Trainer::micro_batch(int64_t index, float grad_scale, double* ce, double* kl, double* sq) {
@@ -387,6 +521,7 @@ StepStats Trainer::train_step() {
       if (tensor_masked_[i])
         ops::apply_mask(student_.params() + off, keep_.data() + off, ts[i].numel, pool_);
     }
+    refresh_forward_weights();
   }
   ++step_;
   st.step = step_;
@@ -522,6 +657,7 @@ void Trainer::load_checkpoint(const std::string& dir) {
     gpu_->upload_moments(m_.data(), v_.data());
     gpu_->upload_keep(keep_.data());
   }
+  refresh_forward_weights();
   step_ = j.at("step").get<int64_t>();
   consumed_ = j.at("consumed_windows").get<int64_t>();
   history_.clear();

@@ -55,6 +55,17 @@ struct TensorUpdate {
   float weight_decay = 0.0f;
 };
 
+/// A quantization-aware tensor: its forward weights are the fake-quantized master weights
+/// (sparsa/train/trainer.h, fake_quantize), recomputed after every update.
+struct FakeQuantTensor {
+  int64_t offset = 0;
+  int bits = 4;
+  int64_t rows = 0, cols = 0, n_groups = 0;
+  const float* scales = nullptr;  // [rows, n_groups]
+  const float* zeros = nullptr;   // [rows, n_groups]
+  const int32_t* g_idx = nullptr; // [cols]
+};
+
 class Engine {
  public:
   /// Copies the student's parameters (and the teacher's, when given) and the keep mask (0/1 per
@@ -76,6 +87,12 @@ class Engine {
   void download_params(float* params) const;
   void download_moments(float* m, float* v) const;
   void download_grads(float* grads) const;
+
+  /// Quantization-aware training: the student computes with fake-quantized copies of these
+  /// tensors (gradients straight through to the master weights). Copies the grids.
+  void set_fake_quant(const std::vector<FakeQuantTensor>& tensors);
+  /// Recomputes the forward weights from the master weights (done after every update).
+  void refresh_fake_quant();
 
   void zero_grad();
   /// Forward of the teacher (when a distillation weight asks for it) and the student over

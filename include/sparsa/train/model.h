@@ -54,6 +54,12 @@ class Model {
   const float* params() const { return params_.data(); }
   float* param(const std::string& name);
 
+  /// The weights forward() and backward() compute with, when they differ from the parameters
+  /// (quantization-aware training keeps fake-quantized weights here; the gradients still land in
+  /// grads(), straight through). The first call allocates a copy of params().
+  float* forward_weights();
+  bool has_forward_weights() const { return !fwd_.empty(); }
+
   /// Allocates the gradient buffers (a teacher never needs them).
   void enable_gradients();
   bool has_gradients() const { return !grads_.empty(); }
@@ -84,12 +90,13 @@ class Model {
   struct LayerActs {
     float *ln1, *rstd1, *q, *k, *v, *att, *atty, *res2, *ln2, *rstd2, *gate, *up, *swi, *res3;
   };
-  std::vector<LayerParams> layer_views(float* base) const;
+  std::vector<LayerParams> layer_views(const float* base) const;
   void plan_activations(int64_t batch, int64_t seq);
 
   io::ModelConfig config_;
   std::vector<ParamTensor> tensors_;
-  std::vector<float> params_, grads_;
+  std::vector<float> params_, grads_, fwd_;
+  const float* weights() const { return fwd_.empty() ? params_.data() : fwd_.data(); }
   // Offsets into the parameter buffer (-1: absent).
   struct LayerOffsets {
     int64_t attn_norm, wq, wk, wv, wo, mlp_norm, wgate, wup, wdown;

@@ -15,9 +15,13 @@
 // checkpoint with the same thread count reproduces an uninterrupted run bit for bit.
 // The same step runs on the GPU after use_cuda() (sparsa/train/cuda.h): the weights, moments
 // and masks then live there, and sync_to_host() brings them back (checkpoints do it themselves).
-// Quantization-aware and clustering-aware (DKM) fine-tuning hook in where the weights are used
-// (a fake-quantized or soft-clustered copy in the forward, straight-through gradients); they
-// are not implemented yet.
+// Quantization-aware training: a QuantizationModifier in the finetune stage makes its target
+// projections run forward (and backward) on a fake-quantized copy of their fp32 master weights,
+// w_q = s · (clamp(round(w / s) + z, 0, 2^bits − 1) − z), on a grid fixed when training starts —
+// the student's own grid when it is stored quantized (GPTQ's, set_quant_grid), else round-to-
+// nearest's over the student's weights — and the gradient passes straight through to the master
+// weights (Bengio et al. 2013). Pruned weights stay 0, which every grid holds. Clustering-aware
+// fine-tuning (DKM) is not implemented yet.
 #pragma once
 
 #include <cstdint>
@@ -50,6 +54,22 @@ bool pruning_step(const compress::GradualPruningArgs& a, int64_t step);
 /// Prunes the `numel` weights w to `sparsity` by magnitude (the round(sparsity · numel) smallest
 /// |w| become 0); weights already masked (keep == 0) are pruned first, so a mask only grows.
 void magnitude_prune(float* w, uint8_t* keep, int64_t numel, double sparsity);
+
+/// The grid of one quantization-aware weight [rows, cols]: w[r, c] is fake-quantized with
+/// scales[r, g] and zeros[r, g], g = g_idx[c].
+struct FakeQuantGrid {
+  int bits = 4;
+  int64_t rows = 0, cols = 0, n_groups = 0;
+  std::vector<float> scales, zeros;  // [rows, n_groups]; zeros are integers
+  std::vector<int32_t> g_idx;        // [cols]
+};
+/// out = s · (clamp(round(w / s) + z, 0, 2^bits − 1) − z) for every weight (round half to even,
+/// as the quantization passes round); `codes` (optional, rows · cols) receives the codes.
+void fake_quantize(const float* w, float* out, const FakeQuantGrid& g, uint8_t* codes = nullptr);
+/// Round-to-nearest's grid over w (min–max per group of `group_size` columns, 0: per row), the
+/// weights with keep == 0 counted as 0 (keep may be null).
+FakeQuantGrid rtn_grid(const float* w, const uint8_t* keep, int64_t rows, int64_t cols, int bits,
+                       int64_t group_size, bool symmetric);
 
 /// A token stream cut into windows of seq_len + 1 tokens (inputs and shifted targets) at a stride
 /// of seq_len; the last `eval_windows` windows are held out for validation. Training windows are
@@ -118,6 +138,14 @@ class Trainer {
   /// Copies the weights and AdamW moments back from the GPU (nothing to do on the CPU).
   void sync_to_host();
 
+  /// Quantization-aware tensors (targets of the stage's QuantizationModifier), in tensor order.
+  std::vector<std::string> quantized_tensors() const;
+  const FakeQuantGrid& quant_grid(const std::string& tensor) const;
+  /// Replaces a quantization-aware tensor's grid (the student's stored one); the shape and bits
+  /// must match.
+  void set_quant_grid(const std::string& tensor, FakeQuantGrid grid);
+  const compress::QuantScheme* quant_scheme() const { return qat_ ? &qat_scheme_ : nullptr; }
+
   int64_t step() const { return step_; }
   int64_t total_steps() const { return total_steps_; }
   int64_t tokens_per_step() const;
@@ -146,6 +174,9 @@ class Trainer {
 
  private:
   void update_masks(int64_t step);
+  /// The student's forward weights: the fake-quantized copy of the quantization-aware tensors.
+  void refresh_forward_weights();
+  void upload_fake_quant();
   double micro_batch(int64_t index, float grad_scale, double* ce, double* kl, double* sq);
 
   Model& student_;
@@ -166,6 +197,9 @@ class Trainer {
   std::vector<StepStats> history_;
   std::vector<EvalStats> evals_;
   std::unique_ptr<cuda::Engine> gpu_;
+  bool qat_ = false;
+  compress::QuantScheme qat_scheme_;
+  std::vector<FakeQuantGrid> grids_;  // per tensor; rows == 0: not quantization-aware
 };
 
 }  // namespace sparsa::train

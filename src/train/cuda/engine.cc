@@ -53,6 +53,8 @@ struct DevModel {
   int64_t num_params = 0;
   float* params = nullptr;
   float* grads = nullptr;
+  const float* weights = nullptr;  // what forward and backward compute with: params, or their
+                                   // fake-quantized copy (quantization-aware training)
   struct Layer {
     int64_t attn_norm, wq, wk, wv, wo, mlp_norm, wgate, wup, wdown;
     int64_t bq, bk, bv, bo, bgate, bup, bdown;  // -1: absent
@@ -105,6 +107,7 @@ struct DevModel {
     params = device_alloc<float>(num_params, total);
     CK(cudaMemcpy(params, m.params(), static_cast<size_t>(num_params) * sizeof(float),
                   cudaMemcpyHostToDevice));
+    weights = params;
     if (with_grads) {
       grads = device_alloc<float>(num_params, total);
       CK(cudaMemset(grads, 0, static_cast<size_t>(num_params) * sizeof(float)));
@@ -182,6 +185,27 @@ struct Engine::Impl {
   DevModel student, teacher;
   bool has_teacher = false;
   std::vector<float> inv_freq;
+
+  // Quantization-aware training: the forward weights and the grids.
+  struct FakeQuant {
+    int64_t offset, rows, cols, n_groups;
+    int bits;
+    float *scales, *zeros;
+    int32_t* g_idx;
+  };
+  std::vector<FakeQuant> fake_quant;
+  float* fwd = nullptr;
+
+  void refresh_fake_quant() {
+    if (fake_quant.empty()) return;
+    CK(cudaMemcpyAsync(fwd, student.params,
+                       static_cast<size_t>(student.num_params) * sizeof(float),
+                       cudaMemcpyDeviceToDevice));
+    for (const FakeQuant& q : fake_quant)
+      kern::fake_quantize(fwd + q.offset, student.params + q.offset, q.scales, q.zeros, q.g_idx,
+                          q.rows, q.cols, q.n_groups, static_cast<float>((1 << q.bits) - 1));
+    CK(cudaGetLastError());
+  }
 
   // Optimizer state and masks.
   float *m = nullptr, *v = nullptr;
@@ -362,7 +386,7 @@ struct Engine::Impl {
                   g = nh / nkv;
     const float eps = static_cast<float>(c.rms_norm_eps);
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const float* P = m.params;
+    const float* P = m.weights;
     auto at = [P](int64_t off) { return off < 0 ? nullptr : P + off; };
     kern::embedding_forward(m.x0, ids, P + m.embed, n, h);
     const float* x = m.x0;
@@ -406,7 +430,7 @@ struct Engine::Impl {
                   hd = c.head_dim, qd = nh * hd, kd = nkv * hd, f = c.intermediate_size,
                   g = nh / nkv;
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
-    const float* P = m.params;
+    const float* P = m.weights;
     float* G = m.grads;
     auto at = [](float* base, int64_t off) { return off < 0 ? nullptr : base + off; };
 
@@ -462,6 +486,12 @@ struct Engine::Impl {
 
   ~Impl() {
     free_scratch();
+    for (const FakeQuant& q : fake_quant) {
+      cudaFree(q.scales);
+      cudaFree(q.zeros);
+      cudaFree(q.g_idx);
+    }
+    if (fwd != nullptr) cudaFree(fwd);
     if (m != nullptr) cudaFree(m);
     if (v != nullptr) cudaFree(v);
     if (keep != nullptr) cudaFree(keep);
@@ -530,7 +560,44 @@ void Engine::upload_params(const float* params) {
   CK(cudaMemcpy(impl_->student.params, params,
                 static_cast<size_t>(impl_->student.num_params) * sizeof(float),
                 cudaMemcpyHostToDevice));
+  impl_->refresh_fake_quant();
 }
+
+void Engine::set_fake_quant(const std::vector<FakeQuantTensor>& tensors) {
+  Impl& I = *impl_;
+  for (const Impl::FakeQuant& q : I.fake_quant) {
+    cudaFree(q.scales);
+    cudaFree(q.zeros);
+    cudaFree(q.g_idx);
+  }
+  I.fake_quant.clear();
+  for (const FakeQuantTensor& t : tensors) {
+    SPARSA_CHECK(t.offset >= 0 && t.offset + t.rows * t.cols <= I.student.num_params &&
+                     t.n_groups > 0 && t.bits >= 2 && t.bits <= 8,
+                 "cuda: a fake-quantized tensor at offset {} does not fit the model", t.offset);
+    Impl::FakeQuant q{t.offset, t.rows, t.cols, t.n_groups, t.bits, nullptr, nullptr, nullptr};
+    const int64_t ng = t.rows * t.n_groups;
+    q.scales = device_alloc<float>(ng, &I.allocated);
+    q.zeros = device_alloc<float>(ng, &I.allocated);
+    q.g_idx = device_alloc<int32_t>(t.cols, &I.allocated);
+    I.fake_quant.push_back(q);
+    CK(cudaMemcpy(q.scales, t.scales, static_cast<size_t>(ng) * sizeof(float),
+                  cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(q.zeros, t.zeros, static_cast<size_t>(ng) * sizeof(float),
+                  cudaMemcpyHostToDevice));
+    CK(cudaMemcpy(q.g_idx, t.g_idx, static_cast<size_t>(t.cols) * sizeof(int32_t),
+                  cudaMemcpyHostToDevice));
+  }
+  if (I.fake_quant.empty()) {
+    I.student.weights = I.student.params;
+    return;
+  }
+  if (I.fwd == nullptr) I.fwd = device_alloc<float>(I.student.num_params, &I.allocated);
+  I.student.weights = I.fwd;
+  I.refresh_fake_quant();
+}
+
+void Engine::refresh_fake_quant() { impl_->refresh_fake_quant(); }
 
 void Engine::upload_keep(const uint8_t* keep) {
   CK(cudaMemcpy(impl_->keep, keep, static_cast<size_t>(impl_->student.num_params),
@@ -660,6 +727,7 @@ double Engine::optimizer_step(const std::vector<TensorUpdate>& tensors, double c
                 u.masked ? I.keep + u.offset : nullptr, u.numel, opt.lr, opt.beta1, opt.beta2,
                 opt.eps, u.weight_decay, c1, c2, gscale);
   CK(cudaGetLastError());
+  I.refresh_fake_quant();
   return norm;
 }
 

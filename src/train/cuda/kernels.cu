@@ -375,6 +375,21 @@ __global__ void fill_k(float* x, float value, int64_t n) {
     x[i] = value;
 }
 
+__global__ void fake_quantize_k(float* out, const float* w, const float* scales,
+                                const float* zeros, const int32_t* g_idx, int64_t rows,
+                                int64_t cols, int64_t n_groups, float maxq) {
+  const int64_t n = rows * cols;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t r = i / cols, c = i % cols;
+    const int64_t k = r * n_groups + g_idx[c];
+    const float s = scales[k], z = zeros[k];
+    float q = rintf(__fdiv_rn(w[i], s)) + z;
+    q = q < 0.0f ? 0.0f : (q > maxq ? maxq : q);
+    out[i] = __fmul_rn(s, __fsub_rn(q, z));
+  }
+}
+
 inline unsigned grid_stride_blocks(int64_t n) {
   const int64_t b = (n + kThreads - 1) / kThreads;
   return static_cast<unsigned>(b < 1 ? 1 : (b > 8192 ? 8192 : b));
@@ -503,6 +518,13 @@ void adamw(float* w, const float* g, float* m, float* v, const uint8_t* keep, in
 void fill(float* x, float value, int64_t n) {
   if (n == 0) return;
   fill_k<<<grid_stride_blocks(n), kThreads>>>(x, value, n);
+}
+
+void fake_quantize(float* out, const float* w, const float* scales, const float* zeros,
+                   const int32_t* g_idx, int64_t rows, int64_t cols, int64_t n_groups, float maxq) {
+  if (rows * cols == 0) return;
+  fake_quantize_k<<<grid_stride_blocks(rows * cols), kThreads>>>(out, w, scales, zeros, g_idx,
+                                                                 rows, cols, n_groups, maxq);
 }
 
 }  // namespace sparsa::train::cuda::kern

@@ -74,5 +74,9 @@ void adamw(float* w, const float* g, float* m, float* v, const uint8_t* keep, in
            float lr, float beta1, float beta2, float eps, float weight_decay, float c1, float c2,
            float gscale);
 void fill(float* x, float value, int64_t n);
+/// out[r, c] = s · (clamp(rint(w / s) + z, 0, maxq) − z), s = scales[r, g], z = zeros[r, g],
+/// g = g_idx[c] (the CPU's fake_quantize, bit for bit).
+void fake_quantize(float* out, const float* w, const float* scales, const float* zeros,
+                   const int32_t* g_idx, int64_t rows, int64_t cols, int64_t n_groups, float maxq);
 
 }  // namespace sparsa::train::cuda::kern
