@@ -109,6 +109,9 @@ TEST(Trainer, FineTunesPrunedTinyWithMasksFixedAndLossGoingDown) {
   const Recipe r = finetune_recipe(kConstantAndDistill, 12);
   Trainer trainer(student, &teacher, *r.finetune_stage(), TokenData(repo_tokens(), 32, 8), pool);
   ASSERT_EQ(trainer.total_steps(), 12);
+  // Model FLOPs per token: 6 · (2 layers · 196608 projection weights + 1048576 of lm_head) +
+  // 12 · 2 · 32 · 128 for the student, 2 · 1441792 + 4 · 2 · 32 · 128 for the teacher's forward.
+  EXPECT_DOUBLE_EQ(trainer.flops_per_token(), 8650752.0 + 98304.0 + 2883584.0 + 32768.0);
   const double sparsity0 = trainer.masked_sparsity();
   EXPECT_NEAR(sparsity0, 0.5, 1e-3);
   const EvalStats e0 = trainer.evaluate();

@@ -411,6 +411,8 @@ FinetuneReport finetune(const FinetuneOptions& o, ThreadPool& pool) {
   bar.finish();
   rep.seconds = train_seconds;
   rep.tokens_per_s = train_seconds > 0 ? static_cast<double>(rep.tokens) / train_seconds : 0.0;
+  rep.flops_per_token = trainer.flops_per_token();
+  rep.model_tflops = rep.tokens_per_s * rep.flops_per_token / 1e12;
   rep.sparsity = trainer.masked_sparsity();
   if (!trainer.evals().empty()) rep.valid_ce_before = trainer.evals().front().ce;
   if (trainer.step() < trainer.total_steps()) {

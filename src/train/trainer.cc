@@ -373,6 +373,23 @@ int64_t Trainer::tokens_per_step() const {
   return args_.batch_size * args_.seq_len * args_.grad_accum;
 }
 
+double Trainer::flops_per_token() const {
+  auto cost = [&](const Model& m, double per_weight, double attn) {
+    double weights = 0;
+    for (const ParamTensor& t : m.tensors())
+      if (t.linear || t.name == "lm_head.weight") weights += static_cast<double>(t.numel);
+    if (m.config().tie_word_embeddings)
+      weights += static_cast<double>(m.config().vocab_size * m.config().hidden_size);
+    const io::ModelConfig& c = m.config();
+    return per_weight * weights + attn * static_cast<double>(c.num_layers * args_.seq_len *
+                                                             c.num_heads * c.head_dim);
+  };
+  double f = cost(student_, 6.0, 12.0);
+  if (teacher_ != nullptr && (distill_.kl > 0 || distill_.squarehead > 0))
+    f += cost(*teacher_, 2.0, 4.0);
+  return f;
+}
+
 bool Trainer::masked(const std::string& tensor) const {
   const std::vector<ParamTensor>& ts = student_.tensors();
   for (size_t i = 0; i < ts.size(); ++i)

@@ -40,6 +40,8 @@ int run_finetune(const FinetuneArgs& a) {
                       {"tokens", r.tokens},
                       {"seconds", r.seconds},
                       {"tokens_per_s", r.tokens_per_s},
+                      {"flops_per_token", r.flops_per_token},
+                      {"model_tflops", r.model_tflops},
                       {"first_loss", r.first_loss},
                       {"last_loss", r.last_loss},
                       {"valid_ce_before", r.valid_ce_before},
@@ -52,10 +54,12 @@ int run_finetune(const FinetuneArgs& a) {
   }
   std::cout << fmt::format(
       "steps        {} of {} ({} tokens, {:.1f} s, {:.0f} tokens/s on {})\n"
+      "compute      {:.3g} model TFLOP/s ({:.1f} MFLOP per token)\n"
       "train loss   {:.4f} -> {:.4f}\nvalid CE     {:.4f} -> {:.4f}\nsparsity     {:.2f}% of "
       "the masked weights\n",
-      r.steps, r.total_steps, r.tokens, r.seconds, r.tokens_per_s, r.device, r.first_loss,
-      r.last_loss, r.valid_ce_before, r.valid_ce_after, 100 * r.sparsity);
+      r.steps, r.total_steps, r.tokens, r.seconds, r.tokens_per_s, r.device, r.model_tflops,
+      r.flops_per_token / 1e6, r.first_loss, r.last_loss, r.valid_ce_before, r.valid_ce_after,
+      100 * r.sparsity);
   for (const std::string& c : r.checkpoints) std::cout << "checkpoint   " << c << "\n";
   std::cout << (r.output_dir.empty() ? std::string("stopped early; no model written\n")
                                      : "output       " + r.output_dir + "\n");

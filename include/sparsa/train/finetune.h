@@ -52,6 +52,8 @@ struct FinetuneReport {
   int64_t tokens = 0;         // training tokens seen in this run
   double seconds = 0;         // training wall time of this run (evaluation excluded)
   double tokens_per_s = 0;
+  double flops_per_token = 0;  // Trainer::flops_per_token
+  double model_tflops = 0;     // tokens_per_s · flops_per_token / 1e12
   double first_loss = 0, last_loss = 0;
   double valid_ce_before = 0, valid_ce_after = 0;
   double sparsity = 0;        // over the masked tensors, at the end

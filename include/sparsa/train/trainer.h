@@ -149,6 +149,11 @@ class Trainer {
   int64_t step() const { return step_; }
   int64_t total_steps() const { return total_steps_; }
   int64_t tokens_per_step() const;
+  /// Model FLOPs of one training token, as PaLM's model-FLOPs utilisation counts them (Chowdhery
+  /// et al. 2022, appendix B): 6 per weight of the student's projections and lm_head plus
+  /// 12 · layers · seq_len · q_dim for its attention (forward and backward), and, when a teacher
+  /// is distilled from, 2 per teacher weight plus 4 · layers · seq_len · q_dim (forward only).
+  double flops_per_token() const;
   const compress::TrainingArgs& args() const { return args_; }
 
   /// One optimizer step over grad_accum micro-batches.
