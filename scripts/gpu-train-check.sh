@@ -8,6 +8,7 @@
 #   scripts/gpu-train-check.sh students SHARED OUT      # SparseGPT 50%, 70%, 2:4 of SHARED/models/small
 #   scripts/gpu-train-check.sh finetune SHARED OUT      # fine-tune them (48 M tokens each)
 #   scripts/gpu-train-check.sh qat SHARED OUT           # SparseGPT 50% + GPTQ w4g128, then QAT
+#   scripts/gpu-train-check.sh dkm SHARED OUT           # 3-bit palettization, then DKM
 #   scripts/gpu-train-check.sh eval SHARED OUT          # valid perplexity of all of them
 #
 # `grads` prunes MODEL to 50% by magnitude in PyTorch (a dense copy, so that both sides read the
@@ -95,16 +96,27 @@ qat)
     -r recipes/finetune-qat-w4g128.yaml --device cuda -o "$out/sparsegpt-50-gptq-w4g128-qat" \
     --overwrite --json
   ;;
+dkm)
+  # 3-bit palettization (one-shot), then clustering-aware fine-tuning (DKM).
+  shared=$2 out=$3
+  mkdir -p "$out"
+  "$B/sparsa" compress "$shared/models/small" -r recipes/palettize-3bit.yaml \
+    --calib "$shared/data/train.jsonl" -o "$out/palettize-3bit" --overwrite --json
+  "$B/sparsa" finetune "$out/palettize-3bit" --teacher "$shared/models/small" \
+    --data "$shared/data/train.jsonl" --valid "$shared/data/valid.jsonl" \
+    -r recipes/finetune-dkm-3bit.yaml --device cuda -o "$out/palettize-3bit-dkm" \
+    --overwrite --json
+  ;;
 eval)
   # Valid perplexity (the shared protocol) of the students and their fine-tuned versions.
   shared=$2 out=$3
-  for d in "$out"/sparsegpt-*; do
+  for d in "$out"/sparsegpt-* "$out"/palettize-*; do
     [ -d "$d" ] || continue
     echo "$(basename "$d") $("$B/sparsa" eval "$d" --data "$shared/data/valid.jsonl" --json)"
   done
   ;;
 *)
-  sed -n 2,17p "$0"
+  sed -n 2,18p "$0"
   exit 2
   ;;
 esac

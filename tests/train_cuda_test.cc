@@ -206,6 +206,39 @@ TEST_F(CudaTrain, QuantizationAwareStepsFollowTheCpu) {
         }
 }
 
+TEST_F(CudaTrain, ClusteringAwareStepsFollowTheCpu) {
+  ThreadPool pool(2);
+  const compress::Recipe r = compress::Recipe::from_yaml(R"(ft_stage:
+  run_type: finetune
+  training: {lr: 2e-3, warmup_steps: 1, steps: 4, batch_size: 4, seq_len: 32, clip: 1.0, seed: 5,
+             eval_windows: 8}
+  m_modifiers:
+    PalettizationModifier: {bits: 3, granularity: per_grouped_channel, group_size: 16,
+                            temperature: 0.2, iterations: 2, targets: ["re:.*_proj$"]}
+    DistillationModifier: {ce: 1.0, kl: 1.0, squarehead: 0.5, temperature: 2.0}
+)",
+                                                         "cuda-dkm.yaml");
+  const std::vector<int32_t> tokens = readme_tokens();
+  Model teacher = Model::load(testing::tiny_model_dir());
+  Model a = Model::load(testing::tiny_model_dir()), b = Model::load(testing::tiny_model_dir());
+  Trainer ta(a, &teacher, *r.finetune_stage(), TokenData(tokens, 32, 8), pool);
+  Trainer tb(b, &teacher, *r.finetune_stage(), TokenData(tokens, 32, 8), pool);
+  tb.use_cuda("fp32");
+  EXPECT_NEAR(tb.evaluate().ce, ta.evaluate().ce, 1e-5);
+  while (ta.step() < ta.total_steps()) {
+    const StepStats sa = ta.train_step(), sb = tb.train_step();
+    EXPECT_NEAR(sb.loss, sa.loss, 1e-3 * sa.loss) << "step " << sa.step;
+  }
+  EXPECT_NEAR(tb.evaluate().ce, ta.evaluate().ce, 1e-3);
+  tb.sync_to_host();
+  for (const std::string& name : ta.clustered_tensors()) {
+    const std::vector<float>& ca = ta.clustering(name).centroids;
+    const std::vector<float>& cb = tb.clustering(name).centroids;
+    ASSERT_EQ(ca.size(), cb.size());
+    for (size_t i = 0; i < ca.size(); ++i) EXPECT_NEAR(cb[i], ca[i], 1e-4) << name << " " << i;
+  }
+}
+
 TEST_F(CudaTrain, RepeatedAndResumedRunsAreBitIdentical) {
   ThreadPool pool(2);
   const compress::Recipe r = recipe(5);

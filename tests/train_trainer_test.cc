@@ -351,6 +351,14 @@ TEST(FinetuneRecipe, ReadsTheShippedRecipes) {
   EXPECT_EQ(qm.scheme.group_size, 128);
   EXPECT_FALSE(qm.scheme.symmetric);
 
+  const Recipe dkm = Recipe::from_file(testing::source_dir() + "/recipes/finetune-dkm-3bit.yaml");
+  const auto& pm = std::get<compress::PalettizationArgs>(dkm.finetune_stage()->modifiers[0].args);
+  EXPECT_EQ(pm.bits, 3);
+  EXPECT_EQ(pm.group_size, 16);
+  EXPECT_DOUBLE_EQ(pm.temperature, 0.2);
+  EXPECT_EQ(pm.iterations, 2);
+  EXPECT_EQ(Recipe::from_yaml(dkm.to_yaml(), "again"), dkm) << dkm.to_yaml();
+
   const Recipe gp = Recipe::from_file(testing::source_dir() + "/recipes/gradual-prune-70.yaml");
   const auto& g = std::get<compress::GradualPruningArgs>(gp.finetune_stage()->modifiers[0].args);
   EXPECT_EQ(g, (compress::GradualPruningArgs{0.0, 0.7, 0, 300, 10}));

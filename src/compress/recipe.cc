@@ -652,7 +652,7 @@ Modifier read_modifier(const YAML::Node& args, ModifierType type, const Where& w
       allow({"smoothing_strength", "mappings"});
       break;
     case ModifierType::kPalettization:
-      allow({"bits", "granularity", "group_size", "weight"});
+      allow({"bits", "granularity", "group_size", "weight", "temperature", "iterations"});
       break;
     case ModifierType::kLowRank:
       allow({"method", "rank_fraction", "param_fraction", "energy"});
@@ -786,6 +786,11 @@ Modifier read_modifier(const YAML::Node& args, ModifierType type, const Where& w
       a.weight = f.choice<PaletteWeighting>("weight", {{"none", PaletteWeighting::kNone},
                                                        {"hessian", PaletteWeighting::kHessian}})
                      .value_or(a.weight);
+      if (const std::optional<double> t = f.number("temperature")) {
+        if (!(*t > 0) || !std::isfinite(*t)) f.fail_got("temperature", "must be > 0");
+        a.temperature = *t;
+      }
+      a.iterations = f.integer_in("iterations", 0, 100).value_or(a.iterations);
       m.args = a;
       break;
     }
@@ -940,6 +945,10 @@ void write_args(std::string& out, const ModifierArgs& args, const std::string& i
             line("group_size", fmt::format("{}", a.group_size));
           }
           line("weight", a.weight == PaletteWeighting::kNone ? "none" : "hessian");
+          if (a.temperature != PalettizationArgs{}.temperature)
+            line("temperature", number(a.temperature));
+          if (a.iterations != PalettizationArgs{}.iterations)
+            line("iterations", fmt::format("{}", a.iterations));
         } else if constexpr (std::is_same_v<T, LowRankArgs>) {
           line("method", a.method == LowRankMethod::kSvd ? "svd" : "svd_whitened");
           if (a.rank_fraction > 0) line("rank_fraction", number(a.rank_fraction));
@@ -1127,15 +1136,18 @@ Recipe Recipe::from_yaml(const std::string& text, const std::string& source) {
                   fmt::format("unknown modifier{}; known: {}", did_you_mean(mname, kModifierNames),
                               fmt::join(kModifierNames, ", ")));
         }
-        // QuantizationModifier goes in both: one-shot RTN, or quantization-aware training.
+        // QuantizationModifier and PalettizationModifier go in both: one-shot, or quantization-
+        // and clustering-aware training.
         const bool allowed = finetune ? (is_finetune_modifier(*type) ||
-                                         *type == ModifierType::kQuantization)
+                                         *type == ModifierType::kQuantization ||
+                                         *type == ModifierType::kPalettization)
                                       : !is_finetune_modifier(*type);
         if (!allowed) {
           mw.fail("", &mkey,
                   finetune ? "is not a fine-tuning modifier (a stage with run_type: finetune "
                              "holds ConstantMaskModifier, GradualPruningModifier, "
-                             "DistillationModifier and QuantizationModifier)"
+                             "DistillationModifier, QuantizationModifier and "
+                             "PalettizationModifier)"
                            : "belongs in a stage with run_type: finetune");
         }
         Modifier mod = read_modifier(margs, *type, mw);

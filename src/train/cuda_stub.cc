@@ -39,7 +39,9 @@ void Engine::download_params(float*) const {}
 void Engine::download_moments(float*, float*) const {}
 void Engine::download_grads(float*) const {}
 void Engine::set_fake_quant(const std::vector<FakeQuantTensor>&) {}
-void Engine::refresh_fake_quant() {}
+void Engine::set_clustering(const std::vector<ClusteredTensor>&, double, int64_t) {}
+void Engine::download_centroids(const std::vector<float*>&) const {}
+void Engine::refresh_forward_weights(bool) {}
 void Engine::zero_grad() {}
 Losses Engine::micro_batch(const int32_t*, const int32_t*, int64_t, int64_t, const LossWeights&,
                            float) {

@@ -90,8 +90,9 @@ size_t write_hf_checkpoint(const Model& model, const std::string& source_dir,
     buffers.reserve(model.tensors().size() * 4);
     int64_t zeros = 0, sparse_total = 0;
     std::vector<std::string> ignore = {"lm_head"};
-    std::vector<std::string> quant_ignore = {"lm_head"};
-    int64_t quant_count = 0;
+    std::vector<std::string> quant_ignore = {"lm_head"}, palette_ignore = {"lm_head"}, palettized;
+    int64_t quant_count = 0, palette_rows = 0;
+    int palette_bits = 0;
     for (const ParamTensor& t : model.tensors()) {
       const float* w = model.params() + t.offset;
       const bool listed = std::find(sparse_tensors.begin(), sparse_tensors.end(), t.name) !=
@@ -140,7 +141,36 @@ size_t write_hf_checkpoint(const Model& model, const std::string& source_dir,
         ++quant_count;
         continue;
       }
-      if (quantized != nullptr && t.linear) quant_ignore.push_back(module_of(t.name));
+      const compress::Palette* palette = nullptr;
+      if (quantized != nullptr)
+        for (const auto& [name, p] : quantized->palettes)
+          if (name == t.name) palette = &p;
+      if (palette != nullptr) {
+        // sparsa-palettized, as `sparsa compress` writes palettization.
+        const int64_t rows = t.shape.at(0), cols = t.shape.at(1);
+        const std::string mod = module_of(t.name);
+        const int64_t k = int64_t{1} << palette->bits;
+        const int64_t n_pal = static_cast<int64_t>(palette->lut.size()) / k;
+        add(mod + ".weight_palette", dt, {n_pal, k},
+            encode(palette->lut.data(), static_cast<int64_t>(palette->lut.size()), dt));
+        std::vector<int32_t> packed = io::pack_quantized(palette->indices, rows, cols, palette->bits);
+        std::vector<uint8_t> bytes(packed.size() * 4);
+        std::memcpy(bytes.data(), packed.data(), bytes.size());
+        add(mod + ".weight_indices_packed", DType::I32, {rows, io::packed_words(cols, palette->bits)},
+            std::move(bytes));
+        std::vector<uint8_t> shape(2 * sizeof(int64_t));
+        const int64_t rc[2] = {rows, cols};
+        std::memcpy(shape.data(), rc, shape.size());
+        add(mod + ".weight_shape", DType::I64, {2}, std::move(shape));
+        palettized.push_back(mod);
+        palette_bits = palette->bits;
+        palette_rows = palette->group_rows == rows ? 0 : palette->group_rows;
+        continue;
+      }
+      if (quantized != nullptr && t.linear) {
+        quant_ignore.push_back(module_of(t.name));
+        if (!quantized->palettes.empty()) palette_ignore.push_back(module_of(t.name));
+      }
       // With quantization the sparsity block is descriptive ("dense"): masked tensors that are
       // not quantized are written as plain weights.
       const bool sparse = listed && quantized == nullptr;
@@ -180,6 +210,19 @@ size_t write_hf_checkpoint(const Model& model, const std::string& source_dir,
                                                                           : io::ActOrder::kGroup;
       q.ignore = quant_ignore;
       cc.quantization = q;
+    }
+    if (!palettized.empty()) {
+      io::SparsaGroup g;
+      g.format = io::SparsaFormat::kPalettized;
+      g.targets = palettized;
+      g.bits = palette_bits;
+      g.palette_group_rows = palette_rows;
+      io::SparsaConfig sc;
+      sc.groups.push_back(g);
+      // Quantized tensors are not palettized.
+      for (const auto& [name, grid] : quantized->tensors) palette_ignore.push_back(module_of(name));
+      sc.ignore = palette_ignore;
+      cc.sparsa = sc;
     }
     if (sparse_total > 0) {
       io::SparsityConfig s;
@@ -374,6 +417,27 @@ FinetuneReport finetune(const FinetuneOptions& o, ThreadPool& pool) {
       trainer.set_quant_grid(name, std::move(g));
     }
   }
+  // Clustering-aware tensors stored palettized start from their palettes.
+  if (!trainer.clustered_tensors().empty()) {
+    const io::CompressionConfig scc = io::read_compression_config(
+        nlohmann::json::parse(read_text_file((fs::path(o.student_dir) / "config.json").string())),
+        o.student_dir + "/config.json");
+    for (const std::string& name : trainer.clustered_tensors()) {
+      const std::string mod = module_of(name);
+      if (!io::is_compressed_weight(student_ck, mod)) continue;
+      const ParamTensor* t = student.find(name);
+      io::StoredWeight sw =
+          io::read_stored_weight(student_ck, mod, t->shape.at(0), t->shape.at(1), scc);
+      if (sw.kind != io::StoredWeight::Kind::kPalettized) continue;
+      DkmTensor d;
+      d.bits = sw.bits;
+      d.rows = t->shape.at(0);
+      d.cols = t->shape.at(1);
+      d.group_rows = sw.group_rows;
+      d.centroids = std::move(sw.lut);
+      trainer.set_clustering(name, std::move(d));
+    }
+  }
   if (o.device == "cuda") trainer.use_cuda(o.precision);
   if (!o.resume_dir.empty()) trainer.load_checkpoint(o.resume_dir);
 
@@ -442,12 +506,15 @@ FinetuneReport finetune(const FinetuneOptions& o, ThreadPool& pool) {
     for (const std::string& name : trainer.quantized_tensors())
       qout.tensors.push_back({name, &trainer.quant_grid(name)});
   }
+  for (const std::string& name : trainer.clustered_tensors())
+    qout.palettes.push_back({name, dkm_palette(trainer.clustering(name), student.param(name))});
+  const bool compressed_out = trainer.quant_scheme() != nullptr || !qout.palettes.empty();
   write_hf_checkpoint(student, o.student_dir, o.output_dir, out_dtype, sparse, o.overwrite,
                       {{"recipe.yaml", recipe.to_yaml()},
                        {"train_log.csv", train_csv},
                        {"valid_log.csv", valid_csv},
                        {"loss.svg", loss_svg(trainer.history(), trainer.evals())}},
-                      trainer.quant_scheme() != nullptr ? &qout : nullptr);
+                      compressed_out ? &qout : nullptr);
   rep.output_dir = o.output_dir;
   return rep;
 }

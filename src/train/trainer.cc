@@ -16,6 +16,7 @@
 #include "sparsa/core/mapped_file.h"
 #include "sparsa/io/safetensors.h"
 #include "sparsa/train/cuda.h"
+#include "sparsa/train/dkm.h"
 
 namespace sparsa::train {
 
@@ -277,9 +278,69 @@ Trainer::Trainer(Model& student, Model* teacher, const compress::Stage& stage, T
                            q->scheme.group_size, q->scheme.symmetric);
     }
   }
+  // Clustering-aware training (DKM): the stage's PalettizationModifier (at most one).
+  dkm_tensors_.assign(ts.size(), DkmTensor{});
+  for (const compress::Modifier& m : modifiers_) {
+    const auto* p = std::get_if<compress::PalettizationArgs>(&m.args);
+    if (p == nullptr) continue;
+    SPARSA_CHECK(!dkm_, "train: {}: one PalettizationModifier per finetune stage", where);
+    SPARSA_CHECK(p->weight == compress::PaletteWeighting::kNone,
+                 "train: {}, modifier 'PalettizationModifier', field 'weight': clustering-aware "
+                 "training weighs every weight alike (weight: none)",
+                 where);
+    dkm_ = true;
+    dkm_opts_ = {p->temperature, p->iterations};
+    for (size_t i = 0; i < ts.size(); ++i) {
+      if (!ts[i].linear || !m.applies_to(ts[i].name)) continue;
+      SPARSA_CHECK(!tensor_masked_[i] && grids_[i].rows == 0,
+                   "train: {}: '{}' is a target of PalettizationModifier and of a mask or "
+                   "QuantizationModifier; clustering-aware training takes dense, unquantized "
+                   "tensors",
+                   where, ts[i].name);
+      const int64_t rows = ts[i].shape.at(0), cols = ts[i].shape.at(1);
+      const int64_t group =
+          p->granularity == compress::PaletteGranularity::kPerGroupedChannel ? p->group_size : 0;
+      dkm_tensors_[i] = dkm_init(student_.params() + ts[i].offset, rows, cols, p->bits, group);
+    }
+  }
+  if (dkm_) dkm_deriv_.assign(static_cast<size_t>(student_.num_params()), 1.0f);
   m_.assign(static_cast<size_t>(student_.num_params()), 0.0f);
   v_.assign(m_.size(), 0.0f);
-  refresh_forward_weights();
+  refresh_forward_weights(true);
+}
+
+std::vector<std::string> Trainer::clustered_tensors() const {
+  std::vector<std::string> out;
+  const std::vector<ParamTensor>& ts = student_.tensors();
+  for (size_t i = 0; i < ts.size(); ++i)
+    if (dkm_tensors_[i].rows > 0) out.push_back(ts[i].name);
+  return out;
+}
+
+const DkmTensor& Trainer::clustering(const std::string& tensor) const {
+  const std::vector<ParamTensor>& ts = student_.tensors();
+  for (size_t i = 0; i < ts.size(); ++i)
+    if (ts[i].name == tensor && dkm_tensors_[i].rows > 0) return dkm_tensors_[i];
+  fail("train: '{}' is not a clustering-aware tensor", tensor);
+}
+
+void Trainer::set_clustering(const std::string& tensor, DkmTensor t) {
+  const std::vector<ParamTensor>& ts = student_.tensors();
+  for (size_t i = 0; i < ts.size(); ++i) {
+    if (ts[i].name != tensor || dkm_tensors_[i].rows == 0) continue;
+    const DkmTensor& old = dkm_tensors_[i];
+    SPARSA_CHECK(t.bits == old.bits && t.rows == old.rows && t.cols == old.cols &&
+                     t.group_rows > 0 &&
+                     static_cast<int64_t>(t.centroids.size()) == t.n_groups() * t.k(),
+                 "train: the palettes given for '{}' ({} bits, {}x{}, {} rows each) do not fit "
+                 "the recipe's ({} bits, {}x{})",
+                 tensor, t.bits, t.rows, t.cols, t.group_rows, old.bits, old.rows, old.cols);
+    dkm_tensors_[i] = std::move(t);
+    upload_clustering();
+    refresh_forward_weights();
+    return;
+  }
+  fail("train: '{}' is not a clustering-aware tensor", tensor);
 }
 
 std::vector<std::string> Trainer::quantized_tensors() const {
@@ -321,18 +382,36 @@ void Trainer::set_quant_grid(const std::string& tensor, FakeQuantGrid grid) {
   fail("train: '{}' is not a quantization-aware tensor", tensor);
 }
 
-void Trainer::refresh_forward_weights() {
-  if (!qat_) return;
+void Trainer::refresh_forward_weights(bool update_centroids) {
+  if (!qat_ && !dkm_) return;
   if (gpu_ != nullptr) {
-    gpu_->refresh_fake_quant();
+    gpu_->refresh_forward_weights(update_centroids);
     return;
   }
   float* fw = student_.forward_weights();
   std::memcpy(fw, student_.params(), static_cast<size_t>(student_.num_params()) * sizeof(float));
   const std::vector<ParamTensor>& ts = student_.tensors();
-  for (size_t i = 0; i < ts.size(); ++i)
-    if (grids_[i].rows > 0)
-      fake_quantize(student_.params() + ts[i].offset, fw + ts[i].offset, grids_[i]);
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const float* w = student_.params() + ts[i].offset;
+    if (grids_[i].rows > 0) fake_quantize(w, fw + ts[i].offset, grids_[i]);
+    if (dkm_tensors_[i].rows > 0) {
+      if (update_centroids) dkm_update_centroids(dkm_tensors_[i], w, dkm_opts_);
+      dkm_soft_weights(dkm_tensors_[i], w, dkm_opts_, fw + ts[i].offset,
+                       dkm_deriv_.data() + ts[i].offset);
+    }
+  }
+}
+
+void Trainer::upload_clustering() {
+  if (!dkm_ || gpu_ == nullptr) return;
+  std::vector<cuda::ClusteredTensor> list;
+  const std::vector<ParamTensor>& ts = student_.tensors();
+  for (size_t i = 0; i < ts.size(); ++i) {
+    const DkmTensor& t = dkm_tensors_[i];
+    if (t.rows == 0) continue;
+    list.push_back({ts[i].offset, t.bits, t.rows, t.cols, t.group_rows, t.centroids.data()});
+  }
+  gpu_->set_clustering(list, dkm_opts_.temperature, dkm_opts_.iterations);
 }
 
 void Trainer::upload_fake_quant() {
@@ -356,6 +435,7 @@ void Trainer::use_cuda(const std::string& matmul, int device) {
                                         cuda::parse_matmul(matmul), device);
   gpu_->upload_moments(m_.data(), v_.data());
   upload_fake_quant();
+  upload_clustering();
 }
 
 std::string Trainer::device_description() const {
@@ -367,6 +447,11 @@ void Trainer::sync_to_host() {
   if (gpu_ == nullptr) return;
   gpu_->download_params(student_.params());
   gpu_->download_moments(m_.data(), v_.data());
+  if (!dkm_) return;
+  std::vector<float*> centroids;
+  for (DkmTensor& t : dkm_tensors_)
+    if (t.rows > 0) centroids.push_back(t.centroids.data());
+  gpu_->download_centroids(centroids);
 }
 
 int64_t Trainer::tokens_per_step() const {
@@ -518,6 +603,12 @@ StepStats Trainer::train_step() {
                          static_cast<float>(args_.beta2), static_cast<float>(args_.eps), 0.0f};
     st.grad_norm = gpu_->optimizer_step(updates, args_.clip, opt, step_ + 1);
   } else {
+    // Clustering-aware tensors: the gradient of the soft-clustered weights times ∂w̃/∂w.
+    if (dkm_)
+      for (size_t i = 0; i < ts.size(); ++i)
+        if (dkm_tensors_[i].rows > 0)
+          for (int64_t j = 0; j < ts[i].numel; ++j)
+            student_.grads()[ts[i].offset + j] *= dkm_deriv_[static_cast<size_t>(ts[i].offset + j)];
     // Masked gradients: pruned weights get no update (and no weight decay either, below).
     for (size_t i = 0; i < ts.size(); ++i)
       if (tensor_masked_[i])
@@ -538,7 +629,7 @@ StepStats Trainer::train_step() {
       if (tensor_masked_[i])
         ops::apply_mask(student_.params() + off, keep_.data() + off, ts[i].numel, pool_);
     }
-    refresh_forward_weights();
+    refresh_forward_weights(true);
   }
   ++step_;
   st.step = step_;
@@ -620,6 +711,12 @@ void Trainer::save_checkpoint(const std::string& dir) {
       {{"adam_v", DType::F32, {n}}, v_.data()},
       {{"keep", DType::U8, {n}}, keep_.data()},
   };
+  std::vector<float> centroids;
+  for (const DkmTensor& t : dkm_tensors_)
+    centroids.insert(centroids.end(), t.centroids.begin(), t.centroids.end());
+  if (dkm_)
+    tensors.push_back({{"dkm_centroids", DType::F32, {static_cast<int64_t>(centroids.size())}},
+                       centroids.data()});
   io::write_safetensors((tmp / "state.safetensors").string(), tensors, {{"format", "sparsa-train"}});
   nlohmann::json j;
   j["step"] = step_;
@@ -669,6 +766,19 @@ void Trainer::load_checkpoint(const std::string& dir) {
   read("adam_m", DType::F32, m_.data());
   read("adam_v", DType::F32, v_.data());
   read("keep", DType::U8, keep_.data());
+  if (dkm_) {
+    const io::TensorView& c = ck.get("dkm_centroids");
+    size_t total = 0;
+    for (const DkmTensor& t : dkm_tensors_) total += t.centroids.size();
+    SPARSA_CHECK(c.dtype == DType::F32 && c.numel() == static_cast<int64_t>(total),
+                 "resume: {}: tensor 'dkm_centroids' has the wrong shape", c.file);
+    const uint8_t* src = c.data;
+    for (DkmTensor& t : dkm_tensors_) {
+      std::memcpy(t.centroids.data(), src, t.centroids.size() * sizeof(float));
+      src += t.centroids.size() * sizeof(float);
+    }
+    upload_clustering();
+  }
   if (gpu_ != nullptr) {
     gpu_->upload_params(student_.params());
     gpu_->upload_moments(m_.data(), v_.data());

@@ -214,6 +214,10 @@ struct PalettizationArgs {
   PaletteGranularity granularity = PaletteGranularity::kPerTensor;
   int64_t group_size = 0;  // output rows per palette (per_grouped_channel)
   PaletteWeighting weight = PaletteWeighting::kNone;
+  // Clustering-aware fine-tuning (DKM, in a finetune stage): the softness of the assignment,
+  // relative to the palette's mean spacing squared, and the centroid updates per step.
+  double temperature = 0.2;
+  int64_t iterations = 3;
   bool operator==(const PalettizationArgs&) const = default;
 };
 

@@ -66,6 +66,15 @@ struct FakeQuantTensor {
   const int32_t* g_idx = nullptr; // [cols]
 };
 
+/// A clustering-aware tensor (sparsa/train/dkm.h): palettes of group_rows rows, 2^bits
+/// centroids each (bits <= 4 on the GPU).
+struct ClusteredTensor {
+  int64_t offset = 0;
+  int bits = 3;
+  int64_t rows = 0, cols = 0, group_rows = 0;
+  const float* centroids = nullptr;  // [ceil(rows / group_rows), 2^bits]
+};
+
 class Engine {
  public:
   /// Copies the student's parameters (and the teacher's, when given) and the keep mask (0/1 per
@@ -91,8 +100,15 @@ class Engine {
   /// Quantization-aware training: the student computes with fake-quantized copies of these
   /// tensors (gradients straight through to the master weights). Copies the grids.
   void set_fake_quant(const std::vector<FakeQuantTensor>& tensors);
-  /// Recomputes the forward weights from the master weights (done after every update).
-  void refresh_fake_quant();
+  /// Clustering-aware training (DKM): these tensors compute with their soft assignment to the
+  /// palettes, whose centroids move `iterations` times per step. Copies the centroids.
+  void set_clustering(const std::vector<ClusteredTensor>& tensors, double temperature,
+                      int64_t iterations);
+  /// The current centroids, one pointer per tensor given to set_clustering, in that order.
+  void download_centroids(const std::vector<float*>& out) const;
+  /// Recomputes the forward weights from the master weights (after every update, with the
+  /// centroid updates).
+  void refresh_forward_weights(bool update_centroids);
 
   void zero_grad();
   /// Forward of the teacher (when a distillation weight asks for it) and the student over

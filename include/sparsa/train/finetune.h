@@ -63,17 +63,20 @@ struct FinetuneReport {
 
 FinetuneReport finetune(const FinetuneOptions& options, ThreadPool& pool);
 
-/// Tensors to write quantized (pack-quantized, on their grids) and the scheme they follow.
+/// Tensors to write quantized (pack-quantized, on their grids) and the scheme they follow, and
+/// tensors to write palettized (sparsa-palettized).
 struct QuantizedOutput {
   compress::QuantScheme scheme;
   std::vector<std::pair<std::string, const FakeQuantGrid*>> tensors;
+  std::vector<std::pair<std::string, compress::Palette>> palettes;
 };
 
 /// Writes `model` as a Hugging Face checkpoint into `dir` (atomically) in dtype `dtype` (F32,
 /// BF16 or F16), config.json and tokenizer files taken from `source_dir`; tensors named in
 /// `sparse_tensors` are stored as sparse-bitmask, and those of `quantized` (optional) as
 /// pack-quantized on their grids (a quantized tensor's zeros stay in its codes; with
-/// quantization, the other masked tensors are written dense). Returns the bytes written.
+/// quantization, the other masked tensors are written dense) or sparsa-palettized. Returns the
+/// bytes written.
 size_t write_hf_checkpoint(const Model& model, const std::string& source_dir,
                            const std::string& dir, DType dtype,
                            const std::vector<std::string>& sparse_tensors, bool overwrite,

@@ -20,8 +20,9 @@
 // w_q = s · (clamp(round(w / s) + z, 0, 2^bits − 1) − z), on a grid fixed when training starts —
 // the student's own grid when it is stored quantized (GPTQ's, set_quant_grid), else round-to-
 // nearest's over the student's weights — and the gradient passes straight through to the master
-// weights (Bengio et al. 2013). Pruned weights stay 0, which every grid holds. Clustering-aware
-// fine-tuning (DKM) is not implemented yet.
+// weights (Bengio et al. 2013). Pruned weights stay 0, which every grid holds.
+// Clustering-aware training: a PalettizationModifier in the finetune stage makes its targets run
+// on their soft assignment to palettes learnt along (DKM, sparsa/train/dkm.h).
 #pragma once
 
 #include <cstdint>
@@ -31,6 +32,7 @@
 
 #include "sparsa/compress/recipe.h"
 #include "sparsa/core/thread_pool.h"
+#include "sparsa/train/dkm.h"
 #include "sparsa/train/model.h"
 #include "sparsa/train/ops.h"
 
@@ -146,6 +148,13 @@ class Trainer {
   void set_quant_grid(const std::string& tensor, FakeQuantGrid grid);
   const compress::QuantScheme* quant_scheme() const { return qat_ ? &qat_scheme_ : nullptr; }
 
+  /// Clustering-aware tensors (targets of the stage's PalettizationModifier), in tensor order.
+  std::vector<std::string> clustered_tensors() const;
+  /// Their palettes as they stand (the GPU's copied back first by sync_to_host).
+  const DkmTensor& clustering(const std::string& tensor) const;
+  /// Replaces a clustering-aware tensor's palettes (the student's stored ones, say).
+  void set_clustering(const std::string& tensor, DkmTensor t);
+
   int64_t step() const { return step_; }
   int64_t total_steps() const { return total_steps_; }
   int64_t tokens_per_step() const;
@@ -179,8 +188,11 @@ class Trainer {
 
  private:
   void update_masks(int64_t step);
-  /// The student's forward weights: the fake-quantized copy of the quantization-aware tensors.
-  void refresh_forward_weights();
+  /// The student's forward weights: the fake-quantized copy of the quantization-aware tensors
+  /// and the soft-clustered one of the clustering-aware tensors (after `update_centroids`
+  /// centroid updates when asked: once per step).
+  void refresh_forward_weights(bool update_centroids = false);
+  void upload_clustering();
   void upload_fake_quant();
   double micro_batch(int64_t index, float grad_scale, double* ce, double* kl, double* sq);
 
@@ -205,6 +217,10 @@ class Trainer {
   bool qat_ = false;
   compress::QuantScheme qat_scheme_;
   std::vector<FakeQuantGrid> grids_;  // per tensor; rows == 0: not quantization-aware
+  bool dkm_ = false;
+  DkmOptions dkm_opts_;
+  std::vector<DkmTensor> dkm_tensors_;  // per tensor; rows == 0: not clustering-aware
+  std::vector<float> dkm_deriv_;        // ∂w̃/∂w, in the parameter layout (CPU)
 };
 
 }  // namespace sparsa::train

@@ -196,15 +196,42 @@ struct Engine::Impl {
   std::vector<FakeQuant> fake_quant;
   float* fwd = nullptr;
 
-  void refresh_fake_quant() {
-    if (fake_quant.empty()) return;
+  // Clustering-aware training: the palettes and the per-weight ∂w̃/∂w.
+  struct Clustered {
+    int64_t offset, rows, cols, group_rows, n_groups;
+    int k;
+    float* centroids;
+  };
+  std::vector<Clustered> clustered;
+  uint32_t* counts = nullptr;  // [largest n_groups, 65536]
+  float* deriv = nullptr;      // parameter layout
+  double dkm_temperature = 0.2;
+  int64_t dkm_iterations = 0;
+
+  void refresh_forward(bool update_centroids) {
+    if (fake_quant.empty() && clustered.empty()) return;
     CK(cudaMemcpyAsync(fwd, student.params,
                        static_cast<size_t>(student.num_params) * sizeof(float),
                        cudaMemcpyDeviceToDevice));
     for (const FakeQuant& q : fake_quant)
       kern::fake_quantize(fwd + q.offset, student.params + q.offset, q.scales, q.zeros, q.g_idx,
                           q.rows, q.cols, q.n_groups, static_cast<float>((1 << q.bits) - 1));
+    for (const Clustered& c : clustered) {
+      const float* w = student.params + c.offset;
+      if (update_centroids && dkm_iterations > 0) {
+        CK(cudaMemsetAsync(counts, 0, static_cast<size_t>(c.n_groups) * 65536 * sizeof(uint32_t)));
+        kern::dkm_histogram(counts, w, c.rows, c.cols, c.group_rows);
+        kern::dkm_update(c.centroids, counts, c.n_groups, c.k, dkm_temperature, dkm_iterations);
+      }
+      kern::dkm_apply(fwd + c.offset, deriv + c.offset, w, c.centroids, c.rows, c.cols,
+                      c.group_rows, c.k, dkm_temperature);
+    }
     CK(cudaGetLastError());
+  }
+
+  void free_clustering() {
+    for (const Clustered& c : clustered) cudaFree(c.centroids);
+    clustered.clear();
   }
 
   // Optimizer state and masks.
@@ -492,6 +519,9 @@ struct Engine::Impl {
       cudaFree(q.g_idx);
     }
     if (fwd != nullptr) cudaFree(fwd);
+    free_clustering();
+    if (counts != nullptr) cudaFree(counts);
+    if (deriv != nullptr) cudaFree(deriv);
     if (m != nullptr) cudaFree(m);
     if (v != nullptr) cudaFree(v);
     if (keep != nullptr) cudaFree(keep);
@@ -560,7 +590,7 @@ void Engine::upload_params(const float* params) {
   CK(cudaMemcpy(impl_->student.params, params,
                 static_cast<size_t>(impl_->student.num_params) * sizeof(float),
                 cudaMemcpyHostToDevice));
-  impl_->refresh_fake_quant();
+  impl_->refresh_forward(false);
 }
 
 void Engine::set_fake_quant(const std::vector<FakeQuantTensor>& tensors) {
@@ -589,15 +619,61 @@ void Engine::set_fake_quant(const std::vector<FakeQuantTensor>& tensors) {
                   cudaMemcpyHostToDevice));
   }
   if (I.fake_quant.empty()) {
-    I.student.weights = I.student.params;
+    if (I.clustered.empty()) I.student.weights = I.student.params;
     return;
   }
   if (I.fwd == nullptr) I.fwd = device_alloc<float>(I.student.num_params, &I.allocated);
   I.student.weights = I.fwd;
-  I.refresh_fake_quant();
+  I.refresh_forward(false);
 }
 
-void Engine::refresh_fake_quant() { impl_->refresh_fake_quant(); }
+void Engine::set_clustering(const std::vector<ClusteredTensor>& tensors, double temperature,
+                            int64_t iterations) {
+  Impl& I = *impl_;
+  I.free_clustering();
+  I.dkm_temperature = temperature;
+  I.dkm_iterations = iterations;
+  int64_t max_groups = 0;
+  for (const ClusteredTensor& t : tensors) {
+    SPARSA_CHECK(t.bits >= 1 && t.bits <= 4 && t.group_rows > 0 && t.offset >= 0 &&
+                     t.offset + t.rows * t.cols <= I.student.num_params,
+                 "cuda: clustering-aware training on the GPU takes palettes of up to 16 "
+                 "entries (bits <= 4); got {} bits",
+                 t.bits);
+    const int64_t ng = (t.rows + t.group_rows - 1) / t.group_rows;
+    const int k = 1 << t.bits;
+    Impl::Clustered c{t.offset, t.rows, t.cols, t.group_rows, ng, k, nullptr};
+    c.centroids = device_alloc<float>(ng * k, &I.allocated);
+    I.clustered.push_back(c);
+    CK(cudaMemcpy(c.centroids, t.centroids, static_cast<size_t>(ng * k) * sizeof(float),
+                  cudaMemcpyHostToDevice));
+    max_groups = std::max(max_groups, ng);
+  }
+  if (I.clustered.empty()) {
+    if (I.fake_quant.empty()) I.student.weights = I.student.params;
+    return;
+  }
+  if (I.counts != nullptr) cudaFree(I.counts);
+  I.counts = device_alloc<uint32_t>(max_groups * 65536, &I.allocated);
+  if (I.deriv == nullptr) I.deriv = device_alloc<float>(I.student.num_params, &I.allocated);
+  if (I.fwd == nullptr) I.fwd = device_alloc<float>(I.student.num_params, &I.allocated);
+  I.student.weights = I.fwd;
+  I.refresh_forward(false);
+}
+
+void Engine::download_centroids(const std::vector<float*>& out) const {
+  const Impl& I = *impl_;
+  SPARSA_CHECK(out.size() == I.clustered.size(), "cuda: {} centroid buffers for {} tensors",
+               out.size(), I.clustered.size());
+  for (size_t i = 0; i < out.size(); ++i)
+    CK(cudaMemcpy(out[i], I.clustered[i].centroids,
+                  static_cast<size_t>(I.clustered[i].n_groups * I.clustered[i].k) * sizeof(float),
+                  cudaMemcpyDeviceToHost));
+}
+
+void Engine::refresh_forward_weights(bool update_centroids) {
+  impl_->refresh_forward(update_centroids);
+}
 
 void Engine::upload_keep(const uint8_t* keep) {
   CK(cudaMemcpy(impl_->keep, keep, static_cast<size_t>(impl_->student.num_params),
@@ -713,6 +789,9 @@ double Engine::optimizer_step(const std::vector<TensorUpdate>& tensors, double c
                               const ops::AdamW& opt, int64_t t) {
   Impl& I = *impl_;
   float* G = I.student.grads;
+  // Clustering-aware tensors: the gradient of the soft-clustered weights times ∂w̃/∂w.
+  for (const Impl::Clustered& c : I.clustered)
+    kern::multiply(G + c.offset, I.deriv + c.offset, c.rows * c.cols);
   for (const TensorUpdate& u : tensors)
     if (u.masked) kern::apply_mask(G + u.offset, I.keep + u.offset, u.numel);
   kern::sum_of_squares(I.reduce_out, I.reduce_scratch, G, I.student.num_params);
@@ -727,7 +806,7 @@ double Engine::optimizer_step(const std::vector<TensorUpdate>& tensors, double c
                 u.masked ? I.keep + u.offset : nullptr, u.numel, opt.lr, opt.beta1, opt.beta2,
                 opt.eps, u.weight_decay, c1, c2, gscale);
   CK(cudaGetLastError());
-  I.refresh_fake_quant();
+  I.refresh_forward(true);
   return norm;
 }
 

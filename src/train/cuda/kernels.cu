@@ -4,6 +4,8 @@
 // scheduling.
 #include "kernels.cuh"
 
+#include <cuda_bf16.h>
+
 #include <cfloat>
 
 namespace sparsa::train::cuda::kern {
@@ -390,6 +392,107 @@ __global__ void fake_quantize_k(float* out, const float* w, const float* scales,
   }
 }
 
+// ---- DKM --------------------------------------------------------------------------------------
+
+constexpr int kMaxCentroids = 16;
+
+__device__ double dkm_tau(const float* c, int k, double temperature) {
+  float lo = c[0], hi = c[0];
+  for (int j = 1; j < k; ++j) lo = fminf(lo, c[j]), hi = fmaxf(hi, c[j]);
+  const double gap = k > 1 ? (static_cast<double>(hi) - lo) / (k - 1) : 1.0;
+  return fmax(temperature * gap * gap, 1e-12);
+}
+
+// The soft assignment of v (as the CPU's soft_assign in src/train/dkm.cc).
+__device__ void dkm_soft(double v, const float* c, int k, double tau, double* a, double* out,
+                         double* deriv) {
+  double best = -1e300;
+  for (int j = 0; j < k; ++j) {
+    const double d = v - c[j];
+    a[j] = -d * d / tau;
+    best = fmax(best, a[j]);
+  }
+  double sum = 0;
+  for (int j = 0; j < k; ++j) sum += (a[j] = exp(a[j] - best));
+  double w = 0, gbar = 0, cg = 0;
+  for (int j = 0; j < k; ++j) {
+    a[j] /= sum;
+    const double g = -2.0 * (v - c[j]) / tau;
+    w += a[j] * c[j];
+    gbar += a[j] * g;
+    cg += a[j] * c[j] * g;
+  }
+  *out = w;
+  *deriv = cg - w * gbar;
+}
+
+__global__ void dkm_histogram_k(uint32_t* counts, const float* w, int64_t rows, int64_t cols,
+                                int64_t group_rows) {
+  const int64_t n = rows * cols;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t g = (i / cols) / group_rows;
+    const unsigned short b = __bfloat16_as_ushort(__float2bfloat16_rn(w[i]));
+    atomicAdd(counts + g * 65536 + b, 1u);
+  }
+}
+
+__global__ void dkm_update_k(float* centroids, const uint32_t* counts, int k, double temperature,
+                             int64_t iterations) {
+  __shared__ float c[kMaxCentroids];
+  const int64_t g = blockIdx.x;
+  if (threadIdx.x < k) c[threadIdx.x] = centroids[g * k + threadIdx.x];
+  __syncthreads();
+  const uint32_t* h = counts + g * 65536;
+  double a[kMaxCentroids];
+  for (int64_t it = 0; it < iterations; ++it) {
+    const double tau = dkm_tau(c, k, temperature);
+    double num[kMaxCentroids], den[kMaxCentroids];
+    for (int j = 0; j < k; ++j) num[j] = den[j] = 0.0;
+    for (int e = threadIdx.x; e < 65536; e += blockDim.x) {
+      const uint32_t n = h[e];
+      if (n == 0) continue;
+      const double v = __uint_as_float(static_cast<unsigned>(e) << 16);
+      double out, d;
+      dkm_soft(v, c, k, tau, a, &out, &d);
+      for (int j = 0; j < k; ++j) {
+        num[j] += n * a[j] * v;
+        den[j] += n * a[j];
+      }
+    }
+    for (int j = 0; j < k; ++j) {
+      const double nj = block_sum(num[j]);
+      const double dj = block_sum(den[j]);
+      if (threadIdx.x == 0 && dj > 1e-30) c[j] = static_cast<float>(nj / dj);
+    }
+    __syncthreads();
+  }
+  if (threadIdx.x < k) centroids[g * k + threadIdx.x] = c[threadIdx.x];
+}
+
+__global__ void dkm_apply_k(float* out, float* deriv, const float* w, const float* centroids,
+                            int64_t rows, int64_t cols, int64_t group_rows, int k,
+                            double temperature) {
+  const int64_t n = rows * cols;
+  double a[kMaxCentroids];
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const float* c = centroids + ((i / cols) / group_rows) * k;
+    const double tau = dkm_tau(c, k, temperature);
+    const double v = __bfloat162float(__float2bfloat16_rn(w[i]));
+    double x, d;
+    dkm_soft(v, c, k, tau, a, &x, &d);
+    out[i] = static_cast<float>(x);
+    deriv[i] = static_cast<float>(d);
+  }
+}
+
+__global__ void multiply_k(float* x, const float* y, int64_t n) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    x[i] *= y[i];
+}
+
 inline unsigned grid_stride_blocks(int64_t n) {
   const int64_t b = (n + kThreads - 1) / kThreads;
   return static_cast<unsigned>(b < 1 ? 1 : (b > 8192 ? 8192 : b));
@@ -525,6 +628,32 @@ void fake_quantize(float* out, const float* w, const float* scales, const float*
   if (rows * cols == 0) return;
   fake_quantize_k<<<grid_stride_blocks(rows * cols), kThreads>>>(out, w, scales, zeros, g_idx,
                                                                  rows, cols, n_groups, maxq);
+}
+
+void dkm_histogram(uint32_t* counts, const float* w, int64_t rows, int64_t cols,
+                   int64_t group_rows) {
+  if (rows * cols == 0) return;
+  dkm_histogram_k<<<grid_stride_blocks(rows * cols), kThreads>>>(counts, w, rows, cols,
+                                                                 group_rows);
+}
+
+void dkm_update(float* centroids, const uint32_t* counts, int64_t n_groups, int k,
+                double temperature, int64_t iterations) {
+  if (n_groups == 0 || iterations == 0) return;
+  dkm_update_k<<<static_cast<unsigned>(n_groups), kThreads>>>(centroids, counts, k, temperature,
+                                                              iterations);
+}
+
+void dkm_apply(float* out, float* deriv, const float* w, const float* centroids, int64_t rows,
+               int64_t cols, int64_t group_rows, int k, double temperature) {
+  if (rows * cols == 0) return;
+  dkm_apply_k<<<grid_stride_blocks(rows * cols), kThreads>>>(out, deriv, w, centroids, rows, cols,
+                                                             group_rows, k, temperature);
+}
+
+void multiply(float* x, const float* y, int64_t n) {
+  if (n == 0) return;
+  multiply_k<<<grid_stride_blocks(n), kThreads>>>(x, y, n);
 }
 
 }  // namespace sparsa::train::cuda::kern

@@ -79,4 +79,18 @@ void fill(float* x, float value, int64_t n);
 void fake_quantize(float* out, const float* w, const float* scales, const float* zeros,
                    const int32_t* g_idx, int64_t rows, int64_t cols, int64_t n_groups, float maxq);
 
+/// Clustering-aware training (sparsa/train/dkm.h; k = 2^bits <= 16 centroids per palette):
+/// counts[g · 65536 + bf16(w)] += 1 over a [rows, cols] weight, g = row / group_rows (counts
+/// zeroed by the caller).
+void dkm_histogram(uint32_t* counts, const float* w, int64_t rows, int64_t cols,
+                   int64_t group_rows);
+/// `iterations` soft k-means updates of each group's centroids [n_groups, k] over its counts.
+void dkm_update(float* centroids, const uint32_t* counts, int64_t n_groups, int k,
+                double temperature, int64_t iterations);
+/// out = Σ_j a_j c_j and deriv = ∂out/∂w at bf16(w), per weight.
+void dkm_apply(float* out, float* deriv, const float* w, const float* centroids, int64_t rows,
+               int64_t cols, int64_t group_rows, int k, double temperature);
+/// x *= y over n values.
+void multiply(float* x, const float* y, int64_t n);
+
 }  // namespace sparsa::train::cuda::kern
