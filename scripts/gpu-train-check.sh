@@ -55,7 +55,8 @@ EOF
       --precision "$2" --batch 4 --seq 256 --ce 1 --kl 1 --squarehead 1 --temperature 2 \
       -o "$out/grads-$tag.safetensors"
     python3 scripts/compare_grads_torch.py "$out/grads-$tag.safetensors" --student "$student" \
-      --teacher "$model" --json "$out/compare-$tag.json" | tail -8
+      --teacher "$model" --json "$out/compare-$tag.json" |
+      grep -E "^(loss|total|ce|kl|squarehead) |^tensors compared|^worst|^median|MISSING|MISMATCH"
   done
   ;;
 throughput)
