@@ -95,7 +95,7 @@ constexpr const char* kDkmStage = R"(ft_stage:
 TEST(DkmTrainer, StepsComputeWithSoftClusteredWeightsAndResumeBitForBit) {
   ThreadPool pool(2);
   const compress::Recipe r =
-      compress::Recipe::from_yaml(fmt::format(fmt::runtime(kDkmStage), 6), "dkm-test.yaml");
+      compress::Recipe::from_yaml(fmt::format(fmt::runtime(kDkmStage), 12), "dkm-test.yaml");
   const std::vector<int32_t> tokens = readme_tokens();
   Model teacher = Model::load(testing::tiny_model_dir());
   Model a = Model::load(testing::tiny_model_dir());
@@ -105,7 +105,8 @@ TEST(DkmTrainer, StepsComputeWithSoftClusteredWeightsAndResumeBitForBit) {
   EXPECT_EQ(ta.clustering(ct[0]).n_groups(), 128 / 16);
   const double ce0 = ta.evaluate().ce;
   while (ta.step() < ta.total_steps()) ta.train_step();
-  EXPECT_LT(ta.evaluate().ce, ce0);
+  const double ce1 = ta.evaluate().ce;
+  EXPECT_LT(ce1, ce0 - 0.05) << "validation CE " << ce0 << " -> " << ce1;
   // The forward weights are the soft assignment of the masters to the current palettes.
   ASSERT_TRUE(a.has_forward_weights());
   for (const std::string& name : ct) {
