@@ -714,7 +714,7 @@ void Trainer::save_checkpoint(const std::string& dir) {
   std::vector<float> centroids;
   for (const DkmTensor& t : dkm_tensors_)
     centroids.insert(centroids.end(), t.centroids.begin(), t.centroids.end());
-  if (dkm_)
+  if (!centroids.empty())
     tensors.push_back({{"dkm_centroids", DType::F32, {static_cast<int64_t>(centroids.size())}},
                        centroids.data()});
   io::write_safetensors((tmp / "state.safetensors").string(), tensors, {{"format", "sparsa-train"}});
@@ -766,14 +766,15 @@ void Trainer::load_checkpoint(const std::string& dir) {
   read("adam_m", DType::F32, m_.data());
   read("adam_v", DType::F32, v_.data());
   read("keep", DType::U8, keep_.data());
-  if (dkm_) {
+  size_t total = 0;
+  for (const DkmTensor& t : dkm_tensors_) total += t.centroids.size();
+  if (total > 0) {
     const io::TensorView& c = ck.get("dkm_centroids");
-    size_t total = 0;
-    for (const DkmTensor& t : dkm_tensors_) total += t.centroids.size();
     SPARSA_CHECK(c.dtype == DType::F32 && c.numel() == static_cast<int64_t>(total),
                  "resume: {}: tensor 'dkm_centroids' has the wrong shape", c.file);
     const uint8_t* src = c.data;
     for (DkmTensor& t : dkm_tensors_) {
+      if (t.centroids.empty()) continue;
       std::memcpy(t.centroids.data(), src, t.centroids.size() * sizeof(float));
       src += t.centroids.size() * sizeof(float);
     }
