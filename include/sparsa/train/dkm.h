@@ -33,7 +33,7 @@ struct DkmTensor {
 };
 
 struct DkmOptions {
-  double temperature = 0.2;
+  double temperature = 0.02;
   int64_t iterations = 3;
 };
 
