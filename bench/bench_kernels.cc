@@ -20,6 +20,7 @@
 
 #include "sparsa/core/cpu.h"
 #include "sparsa/core/dtype.h"
+#include "sparsa/core/huge_pages.h"
 #include "sparsa/core/thread_pool.h"
 #include "sparsa/kernels/linear.h"
 
@@ -52,15 +53,15 @@ std::vector<float> random_floats(size_t n, uint32_t seed) {
 
 // `copies` weight matrices [rows, cols] of one dtype in one buffer.
 struct Weights {
-  std::vector<uint8_t> bytes;
+  HugePageBuffer bytes;
   std::vector<DenseWeight> mats;
 
   Weights(DType dtype, int64_t rows, int64_t cols, size_t copies) {
     const size_t n = static_cast<size_t>(rows * cols), es = dtype_size(dtype);
-    bytes.resize(n * es * copies);
+    bytes = allocate_huge_pages(n * es * copies);
     const std::vector<float> src = random_floats(n, 1);
     for (size_t c = 0; c < copies; ++c) {
-      uint8_t* base = bytes.data() + c * n * es;
+      uint8_t* base = bytes.get() + c * n * es;
       for (size_t i = 0; i < n; ++i) {
         if (dtype == DType::F32) {
           reinterpret_cast<float*>(base)[i] = src[i];
@@ -166,6 +167,11 @@ BENCHMARK(BM_Decode<DType::BF16>)->TINYLLAMA_SHAPES(1)->UseRealTime();
 BENCHMARK(BM_Decode<DType::F16>)->TINYLLAMA_SHAPES(1)->UseRealTime();
 BENCHMARK(BM_Decode<DType::F32>)->TINYLLAMA_SHAPES(1)->UseRealTime();
 BENCHMARK(BM_Decode<DType::BF16>)->Args({2048, 2048, 4})->Args({2048, 2048, 8})->UseRealTime();
+// A batch of 8 sequences of the server's load test (the 'small' model).
+BENCHMARK(BM_Decode<DType::BF16>)->SMALL_SHAPES(8)->UseRealTime();
+BENCHMARK(BM_Prefill<DType::BF16>)->SMALL_SHAPES(8)->UseRealTime();
+// Where the decode tiles hand over to the packed GEMM (kDecodeMaxTokens).
+BENCHMARK(BM_Decode<DType::BF16>)->Args({1024, 512, 12})->Args({1024, 512, 16})->Args({1024, 512, 24})->Args({1024, 512, 32})->UseRealTime();
 BENCHMARK(BM_Prefill<DType::BF16>)->SMALL_SHAPES(512)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_Prefill<DType::BF16>)
     ->TINYLLAMA_SHAPES(512)

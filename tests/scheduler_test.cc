@@ -220,6 +220,20 @@ TEST(Pipeline, GreedyEqualsTheGenerateReferenceAloneAndInABatch) {
   EXPECT_EQ(results[0].text, p0["greedy_text"].get<std::string>());
 }
 
+// `sparsa serve --no-mmap`: the pipeline reads the weights into memory and gives the same text.
+TEST(Pipeline, WeightsReadIntoMemoryGiveTheReferenceText) {
+  const json ref = json::parse(read_text_file(testing::fixtures_dir() + "/tiny.json"));
+  const auto& p0 = ref["prompts"][0];
+  pipeline::PipelineOptions o = tiny_options(2, 4);
+  o.load.file_access = FileAccess::kRead;
+  auto p = pipeline::Pipeline::load(testing::tiny_model_dir(), o);
+  pipeline::TextRequest r;
+  r.prompt_ids = p->encode_prompt(p0["text"].get<std::string>());
+  r.max_tokens = 32;
+  r.stop_at_eos = false;
+  EXPECT_EQ(p->generate(r).text, p0["greedy_text"].get<std::string>());
+}
+
 TEST(Pipeline, StopStringsStreamingAndLogprobs) {
   auto p = pipeline::Pipeline::load(testing::tiny_model_dir(), tiny_options(2, 4));
   const Tokenizer& tok = p->tokenizer();

@@ -150,7 +150,7 @@ void linear_isa(Isa isa, const DenseWeight& w, const float* x, int64_t ldx, int6
   SPARSA_CHECK(ldy >= w.rows,
                "linear: output row stride ldy = {} is smaller than the weight's {} output features",
                ldy, w.rows);
-  if (n_tokens <= kDecodeMaxTokens) {
+  if (n_tokens <= kDenseDecodeMaxTokens) {
     decode(*kn, w, x, ldx, n_tokens, y, ldy, pool);
   } else {
     gemm(*kn, w, x, ldx, n_tokens, y, ldy, pool);
@@ -165,7 +165,7 @@ void linear(const DenseWeight& w, const float* x, int64_t ldx, int64_t n_tokens,
 void linear_many(const LinearOutput* outs, int count, const float* x, int64_t ldx,
                  int64_t n_tokens, ThreadPool& pool) {
   const Isa isa = active_isa();
-  if (n_tokens > kDecodeMaxTokens || count > kMaxManyOutputs || pool.size() == 1) {
+  if (n_tokens > kDenseDecodeMaxTokens || count > kMaxManyOutputs || pool.size() == 1) {
     for (int i = 0; i < count; ++i)
       linear_isa(isa, outs[i].weight, x, ldx, n_tokens, outs[i].y, outs[i].ldy, pool);
     return;

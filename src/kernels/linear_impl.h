@@ -65,17 +65,25 @@ inline float weight_to_f32(WeightElem<D> w) {
 }
 
 // y[t * ldy + r] = x_t · W_r for a tile of R rows × T tokens, U accumulators per dot product.
+// With `next` set, each step also prefetches as many bytes of `next` as it reads of w (for a
+// tile of rows stored one after another: the next tile's rows, in order).
 template <class V, DType D, int R, int T, int U>
 inline void decode_tile(const WeightElem<D>* w, int64_t ldw, int64_t cols, const float* x,
-                        int64_t ldx, float* y, int64_t ldy) {
+                        int64_t ldx, float* y, int64_t ldy, const void* next = nullptr) {
   using Reg = typename V::Reg;
   constexpr int L = V::kLanes;
+  constexpr int kStepBytes = R * U * L * static_cast<int>(sizeof(WeightElem<D>));
   Reg acc[U][R][T];
   for (int u = 0; u < U; ++u)
     for (int r = 0; r < R; ++r)
       for (int t = 0; t < T; ++t) acc[u][r][t] = V::zero();
   int64_t k = 0;
+  const char* pf = static_cast<const char*>(next);
   for (; k + U * L <= cols; k += U * L) {
+    if (pf) {
+      for (int b = 0; b < kStepBytes; b += 64) __builtin_prefetch(pf + b);
+      pf += kStepBytes;
+    }
     for (int u = 0; u < U; ++u) {
       Reg xv[T];
       for (int t = 0; t < T; ++t) xv[t] = V::load(x + t * ldx + k + u * L);
@@ -94,22 +102,35 @@ inline void decode_tile(const WeightElem<D>* w, int64_t ldw, int64_t cols, const
       for (int t = 0; t < T; ++t) acc[0][r][t] = V::fmadd(wv, xv[t], acc[0][r][t]);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int t = 0; t < T; ++t) {
-      Reg sum = acc[0][r][t];
-      for (int u = 1; u < U; ++u) sum = V::add(sum, acc[u][r][t]);
-      y[t * ldy + r] = V::reduce_add(sum);
-    }
+  if constexpr (U == 1 && R * T == L && requires(const Reg* v) { V::sum_lanes(v); }) {
+    // A tile of exactly kLanes sums: one shuffle tree reduces them all at once, far fewer
+    // operations than kLanes separate horizontal sums (which matter next to short rows).
+    Reg by_token[L];
+    for (int t = 0; t < T; ++t)
+      for (int r = 0; r < R; ++r) by_token[t * R + r] = acc[0][r][t];
+    alignas(64) float sums[L];
+    V::store(sums, V::sum_lanes(by_token));
+    for (int t = 0; t < T; ++t)
+      for (int r = 0; r < R; ++r) y[t * ldy + r] = sums[t * R + r];
+  } else {
+    for (int r = 0; r < R; ++r)
+      for (int t = 0; t < T; ++t) {
+        Reg sum = acc[0][r][t];
+        for (int u = 1; u < U; ++u) sum = V::add(sum, acc[u][r][t]);
+        y[t * ldy + r] = V::reduce_add(sum);
+      }
+  }
 }
 
 // The same for nt <= T tokens; a single row of a single token has four sums in flight.
 template <class V, DType D, int R, int T>
 inline void decode_tokens(int64_t nt, const WeightElem<D>* w, int64_t ldw, int64_t cols,
-                          const float* x, int64_t ldx, float* y, int64_t ldy) {
+                          const float* x, int64_t ldx, float* y, int64_t ldy,
+                          const void* next = nullptr) {
   if constexpr (T > 1) {
-    if (nt < T) return decode_tokens<V, D, R, T - 1>(nt, w, ldw, cols, x, ldx, y, ldy);
+    if (nt < T) return decode_tokens<V, D, R, T - 1>(nt, w, ldw, cols, x, ldx, y, ldy, next);
   }
-  decode_tile<V, D, R, T, R == 1 && T == 1 ? 4 : 1>(w, ldw, cols, x, ldx, y, ldy);
+  decode_tile<V, D, R, T, R == 1 && T == 1 ? 4 : 1>(w, ldw, cols, x, ldx, y, ldy, next);
 }
 
 // Up to this many columns (x: 16 KB, half of L1), a single token reads W row by row: one
@@ -131,10 +152,14 @@ void decode_rows(const DenseWeight& w, const float* x, int64_t ldx, int64_t n_to
   } else if (n_tokens == 1) {
     for (; r < r1; ++r) decode_tile<V, D, 1, 1, 4>(base + r * cols, cols, cols, x, ldx, y + r, ldy);
   }
+  // Several tokens: rows are short next to the work on them, so the hardware prefetchers fall
+  // behind and the loads wait on memory; the first token group of each tile prefetches the next
+  // tile (its R rows follow this tile's in memory).
   for (; r + R <= r1; r += R)
     for (int64_t t = 0; t < n_tokens; t += T)
       decode_tokens<V, D, R, T>(n_tokens - t, base + r * cols, cols, cols, x + t * ldx, ldx,
-                                y + t * ldy + r, ldy);
+                                y + t * ldy + r, ldy,
+                                t == 0 && r + 2 * R <= r1 ? base + (r + R) * cols : nullptr);
   for (; r < r1; ++r)
     for (int64_t t = 0; t < n_tokens; t += T)
       decode_tokens<V, D, 1, T>(n_tokens - t, base + r * cols, cols, cols, x + t * ldx, ldx,

@@ -57,7 +57,7 @@ std::unique_ptr<Pipeline> Pipeline::load(const std::string& dir, const PipelineO
     p->bos_token_ = special_token(cfg, "bos_token");
     p->eos_token_ = special_token(cfg, "eos_token");
   }
-  auto model = model::Model::load(dir);
+  auto model = model::Model::load(dir, options.load);
   const io::ModelConfig& c = model->config();
   if (p->bos_token_.empty() && c.bos_token_id && p->tokenizer_.has_id(*c.bos_token_id))
     p->bos_token_ = p->tokenizer_.token_bytes(*c.bos_token_id);

@@ -12,6 +12,7 @@
 //            the light one spends far less CPU per chunk, which matters when it shares the
 //            server's cores.
 //   --streams 1,8: the concurrency levels to measure (default 1,4,8,16).
+//   --no-mmap: start the server with --no-mmap (weights read into huge-page memory).
 //   node load.mjs --cli build/release/sparsa --model ../shared/models/small --check --bench
 import { readFileSync } from 'node:fs';
 import http from 'node:http';
@@ -23,7 +24,8 @@ if (!args.cli || !args.model) { console.error('usage: load.mjs --cli PATH --mode
 const NAME = 'm';
 const maxSeqs = Number(args['max-seqs'] ?? 16);
 const server = await startServer(args.cli, args.model, ['--model-name', NAME, '--max-seqs', String(maxSeqs),
-                                                        '--queue', '128', ...(args.threads ? ['--threads', args.threads] : [])]);
+                                                        '--queue', '128', ...(args.threads ? ['--threads', args.threads] : []),
+                                                        ...(args['no-mmap'] ? ['--no-mmap'] : [])]);
 const client = new OpenAI({ apiKey: 'none', baseURL: `${server.url}/v1`, maxRetries: 0, timeout: 600000 });
 const checks = new Checks();
 const deadline = Date.now() + Number(args['time-limit-s'] ?? 300) * 1000;

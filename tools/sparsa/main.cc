@@ -30,6 +30,12 @@ void add_serve_command(CLI::App& app);  // tools/sparsa/serve.cc
 #endif
 void add_finetune_command(CLI::App& app);  // tools/sparsa/finetune.cc
 
+// --no-mmap's help, on generate, eval, bench and serve (tools/sparsa/serve.cc).
+extern const char* const kNoMmapHelp;
+const char* const kNoMmapHelp =
+    "read the weights into huge-page memory instead of mapping the files (uses the files' size "
+    "in RAM; faster streaming of float weights)";
+
 namespace {
 
 using nlohmann::json;
@@ -60,9 +66,6 @@ struct GenerateArgs {
 
 // --no-mmap on generate, eval and bench: read the weight files into huge-page-backed memory.
 bool g_no_mmap = false;
-constexpr const char* kNoMmapHelp =
-    "read the weights into huge-page memory instead of mapping the files (uses the files' size "
-    "in RAM; faster streaming of float weights)";
 
 sparsa::model::LoadOptions load_options() {
   sparsa::model::LoadOptions o;

@@ -15,6 +15,8 @@
 #include "sparsa/pipeline/pipeline.h"
 #include "sparsa/server/server.h"
 
+extern const char* const kNoMmapHelp;  // tools/sparsa/main.cc
+
 namespace {
 
 struct ServeArgs {
@@ -25,6 +27,7 @@ struct ServeArgs {
   int64_t ctx = 0;
   int threads = 0;
   int64_t prefill_tokens = 256;
+  bool no_mmap = false;
 };
 
 int run_serve(const ServeArgs& a, const std::string& isa) {
@@ -38,6 +41,7 @@ int run_serve(const ServeArgs& a, const std::string& isa) {
   pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
 
   sparsa::pipeline::PipelineOptions opt;
+  if (a.no_mmap) opt.load.file_access = sparsa::FileAccess::kRead;
   opt.engine.max_sequences = a.max_seqs;
   opt.engine.context = a.ctx;
   opt.engine.threads = a.threads;
@@ -81,6 +85,7 @@ void add_serve_command(CLI::App& app) {
       ->capture_default_str();
   cmd->add_option("--ctx", args->ctx, "tokens per sequence (default: the model's context)");
   cmd->add_option("-t,--threads", args->threads, "threads running the model (default: all cores)");
+  cmd->add_flag("--no-mmap", args->no_mmap, kNoMmapHelp);
   cmd->add_option("--model-name", args->server.model_name,
                   "model id clients must send (default: the model directory as given)");
   cmd->add_option("--max-n", args->server.max_n, "choices per request at most")->capture_default_str();

@@ -21,6 +21,7 @@
 #include <string>
 #include <vector>
 
+#include "sparsa/model/llama.h"
 #include "sparsa/pipeline/chat_template.h"
 #include "sparsa/runtime/engine.h"
 #include "sparsa/runtime/sampler.h"
@@ -30,6 +31,7 @@
 namespace sparsa::pipeline {
 
 struct PipelineOptions {
+  model::LoadOptions load;  // e.g. file_access kRead for a server's --no-mmap
   EngineOptions engine;
   SchedulerOptions scheduler;
 };
