@@ -38,10 +38,15 @@ uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 // A vocabulary of 8k–150k entries sorts in 3 linear passes instead of O(n log n) comparisons.
 constexpr size_t kRadixMin = 512;
 
-void sort_by_value_descending(std::vector<std::pair<float, int32_t>>& c) {
+// key, key_tmp, count and tmp are scratch (resized here).
+void sort_by_value_descending(std::vector<std::pair<float, int32_t>>& c,
+                              std::vector<uint32_t>& key, std::vector<uint32_t>& key_tmp,
+                              std::vector<uint32_t>& count,
+                              std::vector<std::pair<float, int32_t>>& tmp) {
   const size_t n = c.size();
-  std::vector<uint32_t> key(n), key_tmp(n);
-  std::vector<std::pair<float, int32_t>> tmp(n);
+  key.resize(n);
+  key_tmp.resize(n);
+  tmp.resize(n);
   for (size_t i = 0; i < n; ++i) {
     uint32_t u;
     std::memcpy(&u, &c[i].first, sizeof u);
@@ -51,7 +56,7 @@ void sort_by_value_descending(std::vector<std::pair<float, int32_t>>& c) {
   }
   constexpr int kBits = 11;
   constexpr uint32_t kMask = (1u << kBits) - 1;
-  std::vector<uint32_t> count(size_t{1} << kBits);
+  count.resize(size_t{1} << kBits);
   for (int shift = 0; shift < 32; shift += kBits) {
     std::fill(count.begin(), count.end(), 0u);
     for (size_t i = 0; i < n; ++i) ++count[(key[i] >> shift) & kMask];
@@ -130,13 +135,14 @@ int32_t Sampler::sample(float* logits, int64_t vocab, std::span<const int32_t> h
     std::partial_sort(candidates_.begin(), candidates_.begin() + static_cast<ptrdiff_t>(n),
                       candidates_.end(), by_logit);
   } else if (n >= kRadixMin) {
-    sort_by_value_descending(candidates_);
+    sort_by_value_descending(candidates_, keys_, keys_tmp_, digit_counts_, candidates_tmp_);
   } else {
     std::sort(candidates_.begin(), candidates_.end(), by_logit);
   }
   // Softmax over the survivors, in double so that tiny tails still sum correctly.
   const double maxl = candidates_[0].first;
-  std::vector<double> prob(n);
+  std::vector<double>& prob = prob_;
+  prob.resize(n);
   double sum = 0;
   for (size_t i = 0; i < n; ++i) sum += prob[i] = std::exp(candidates_[i].first - maxl);
   for (double& p : prob) p /= sum;
