@@ -17,27 +17,14 @@
 #include "sparsa/runtime/tokenizer.h"
 #include "sparsa/train/trainer.h"
 #include "test_util.h"
+#include "train_util.h"
 
 namespace sparsa::train {
 namespace {
 
 namespace fs = std::filesystem;
-
-std::vector<int32_t> readme_tokens() {
-  const Tokenizer tok = Tokenizer::from_file(testing::tiny_model_dir() + "/tokenizer.json");
-  return tokenize_corpus(tok, {read_text_file(testing::source_dir() + "/README.md")}, 1);
-}
-
-// models/tiny with every decoder projection pruned to 50% by magnitude.
-Model half_pruned_tiny() {
-  Model m = Model::load(testing::tiny_model_dir());
-  for (const ParamTensor& t : m.tensors()) {
-    if (!t.linear) continue;
-    std::vector<uint8_t> keep(static_cast<size_t>(t.numel), 1);
-    magnitude_prune(m.params() + t.offset, keep.data(), t.numel, 0.5);
-  }
-  return m;
-}
+using testing::half_pruned_tiny;
+using testing::readme_tokens;
 
 compress::Recipe recipe(int64_t steps) {
   return compress::Recipe::from_yaml(fmt::format(R"(ft_stage:

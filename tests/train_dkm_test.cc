@@ -20,9 +20,12 @@
 #include "sparsa/runtime/tokenizer.h"
 #include "sparsa/train/trainer.h"
 #include "test_util.h"
+#include "train_util.h"
 
 namespace sparsa::train {
 namespace {
+
+using testing::readme_tokens;
 
 namespace fs = std::filesystem;
 
@@ -74,11 +77,6 @@ TEST(Dkm, CentroidUpdatesMoveToTheClusterMeans) {
   const compress::Palette p = dkm_palette(t, w.data());
   ASSERT_EQ(p.lut.size(), 2u);
   for (size_t i = 0; i < w.size(); ++i) EXPECT_EQ(p.indices[i], w[i] < 0 ? 0 : 1) << i;
-}
-
-std::vector<int32_t> readme_tokens() {
-  const Tokenizer tok = Tokenizer::from_file(testing::tiny_model_dir() + "/tokenizer.json");
-  return tokenize_corpus(tok, {read_text_file(testing::source_dir() + "/README.md")}, 1);
 }
 
 constexpr const char* kDkmStage = R"(ft_stage:

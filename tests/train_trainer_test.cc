@@ -16,12 +16,15 @@
 #include "sparsa/runtime/perplexity.h"
 #include "sparsa/runtime/tokenizer.h"
 #include "test_util.h"
+#include "train_util.h"
 
 namespace sparsa::train {
 namespace {
 
 namespace fs = std::filesystem;
 using compress::Recipe;
+using testing::half_pruned_tiny;
+using testing::readme_tokens;
 
 TEST(TrainSchedule, WarmupThenCosineToTheFloor) {
   compress::TrainingArgs a;
@@ -69,12 +72,6 @@ TEST(TrainSchedule, MagnitudePruneKeepsTheLargestAndOnlyGrowsTheMask) {
     }
 }
 
-std::vector<int32_t> repo_tokens() {
-  const Tokenizer tok = Tokenizer::from_file(testing::tiny_model_dir() + "/tokenizer.json");
-  std::vector<std::string> docs = {read_text_file(testing::source_dir() + "/README.md")};
-  return tokenize_corpus(tok, docs, 1);
-}
-
 Recipe finetune_recipe(const std::string& modifiers, int64_t steps, double lr = 2e-3) {
   return Recipe::from_yaml(fmt::format(R"(ft_stage:
   run_type: finetune
@@ -90,24 +87,13 @@ const char* kConstantAndDistill = R"(    ConstantMaskModifier: {targets: ["re:.*
     DistillationModifier: {ce: 1.0, kl: 1.0, squarehead: 0.5, temperature: 2.0}
 )";
 
-// models/tiny with every linear pruned to 50% by magnitude.
-Model pruned_tiny() {
-  Model m = Model::load(testing::tiny_model_dir());
-  for (const ParamTensor& t : m.tensors()) {
-    if (!t.linear) continue;
-    std::vector<uint8_t> keep(static_cast<size_t>(t.numel), 1);
-    magnitude_prune(m.params() + t.offset, keep.data(), t.numel, 0.5);
-  }
-  return m;
-}
-
 TEST(Trainer, FineTunesPrunedTinyWithMasksFixedAndLossGoingDown) {
   ThreadPool pool(2);
-  Model student = pruned_tiny();
+  Model student = half_pruned_tiny();
   const std::vector<float> before(student.params(), student.params() + student.num_params());
   Model teacher = Model::load(testing::tiny_model_dir());
   const Recipe r = finetune_recipe(kConstantAndDistill, 12);
-  Trainer trainer(student, &teacher, *r.finetune_stage(), TokenData(repo_tokens(), 32, 8), pool);
+  Trainer trainer(student, &teacher, *r.finetune_stage(), TokenData(readme_tokens(), 32, 8), pool);
   ASSERT_EQ(trainer.total_steps(), 12);
   // Model FLOPs per token: 6 · (2 layers · 196608 projection weights + 1048576 of lm_head) +
   // 12 · 2 · 32 · 128 for the student, 2 · 1441792 + 4 · 2 · 32 · 128 for the teacher's forward.
@@ -151,7 +137,7 @@ TEST(Trainer, GradualPruningReachesTheFinalSparsityOnTheCubicSchedule) {
     DistillationModifier: {ce: 0.5, kl: 1.0}
 )",
                                    6);
-  Trainer trainer(student, &teacher, *r.finetune_stage(), TokenData(repo_tokens(), 32, 4), pool);
+  Trainer trainer(student, &teacher, *r.finetune_stage(), TokenData(readme_tokens(), 32, 4), pool);
   std::vector<double> sparsity;
   while (trainer.step() < trainer.total_steps()) sparsity.push_back(trainer.train_step().sparsity);
   // Pruned before steps 0, 2 and 4 to s(0) = 0.1, s(2) = 0.6 − 0.5/8, s(4) = 0.6.
@@ -179,22 +165,22 @@ TEST(Trainer, GradualPruningReachesTheFinalSparsityOnTheCubicSchedule) {
 TEST(Trainer, ResumingACheckpointEqualsAnUninterruptedRunBitForBit) {
   ThreadPool pool(2);
   const Recipe r = finetune_recipe(kConstantAndDistill, 6);
-  const std::vector<int32_t> tokens = repo_tokens();
+  const std::vector<int32_t> tokens = readme_tokens();
   Model teacher = Model::load(testing::tiny_model_dir());
 
-  Model a = pruned_tiny();
+  Model a = half_pruned_tiny();
   Trainer ta(a, &teacher, *r.finetune_stage(), TokenData(tokens, 32, 8), pool);
   while (ta.step() < ta.total_steps()) ta.train_step();
 
   const fs::path dir = fs::temp_directory_path() / ("sparsa_train_resume_" + std::to_string(::getpid()));
   fs::remove_all(dir);
   {
-    Model b = pruned_tiny();
+    Model b = half_pruned_tiny();
     Trainer tb(b, &teacher, *r.finetune_stage(), TokenData(tokens, 32, 8), pool);
     for (int i = 0; i < 3; ++i) tb.train_step();
     tb.save_checkpoint((dir / "step-3").string());
   }
-  Model c = pruned_tiny();
+  Model c = half_pruned_tiny();
   // A fresh student: the checkpoint must bring back weights, moments, masks and data position.
   Trainer tc(c, &teacher, *r.finetune_stage(), TokenData(tokens, 32, 8), pool);
   tc.load_checkpoint((dir / "step-3").string());
@@ -210,7 +196,7 @@ TEST(Trainer, ResumingACheckpointEqualsAnUninterruptedRunBitForBit) {
   // Other data is refused.
   std::vector<int32_t> other = tokens;
   other[5] ^= 1;
-  Model d = pruned_tiny();
+  Model d = half_pruned_tiny();
   Trainer td(d, &teacher, *r.finetune_stage(), TokenData(other, 32, 8), pool);
   try {
     td.load_checkpoint((dir / "step-3").string());
@@ -254,11 +240,11 @@ const char* kQatModifiers = R"(    ConstantMaskModifier: {targets: ["re:.*_proj$
 
 TEST(Trainer, QuantizationAwareStepsComputeOnTheGridAndKeepMasks) {
   ThreadPool pool(2);
-  Model student = pruned_tiny();
+  Model student = half_pruned_tiny();
   const std::vector<float> before(student.params(), student.params() + student.num_params());
   Model teacher = Model::load(testing::tiny_model_dir());
   const Recipe r = finetune_recipe(kQatModifiers, 8);
-  Trainer trainer(student, &teacher, *r.finetune_stage(), TokenData(repo_tokens(), 32, 8), pool);
+  Trainer trainer(student, &teacher, *r.finetune_stage(), TokenData(readme_tokens(), 32, 8), pool);
   const std::vector<std::string> qt = trainer.quantized_tensors();
   ASSERT_EQ(qt.size(), 6u);  // gate, up, down of 2 layers
   EXPECT_EQ(qt[0], "model.layers.0.mlp.gate_proj.weight");
@@ -299,7 +285,7 @@ TEST(Trainer, DistillationWithoutATeacherIsRefused) {
   Model student = Model::load(testing::tiny_model_dir());
   const Recipe r = finetune_recipe("    DistillationModifier: {ce: 1.0, kl: 1.0}\n", 2);
   try {
-    Trainer t(student, nullptr, *r.finetune_stage(), TokenData(repo_tokens(), 32, 4), pool);
+    Trainer t(student, nullptr, *r.finetune_stage(), TokenData(readme_tokens(), 32, 4), pool);
     FAIL() << "no error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("'DistillationModifier' needs a teacher"),
