@@ -385,11 +385,16 @@ FinetuneReport finetune(const FinetuneOptions& o, ThreadPool& pool) {
                                    seq, eval_windows);
   Trainer trainer(student, teacher ? &*teacher : nullptr, *stage, std::move(data), pool,
                   o.max_tokens);
-  // Quantization-aware tensors stored quantized keep their grid (GPTQ's, say).
-  if (const compress::QuantScheme* qs = trainer.quant_scheme()) {
-    const io::CompressionConfig scc = io::read_compression_config(
+  // The student's compression config, read once if a quantization- or clustering-aware tensor
+  // needs its stored grid or palettes.
+  std::optional<io::CompressionConfig> stored_config;
+  if (trainer.quant_scheme() != nullptr || !trainer.clustered_tensors().empty())
+    stored_config = io::read_compression_config(
         nlohmann::json::parse(read_text_file((fs::path(o.student_dir) / "config.json").string())),
         o.student_dir + "/config.json");
+  // Quantization-aware tensors stored quantized keep their grid (GPTQ's, say).
+  if (const compress::QuantScheme* qs = trainer.quant_scheme()) {
+    const io::CompressionConfig& scc = *stored_config;
     for (const std::string& name : trainer.quantized_tensors()) {
       const std::string mod = module_of(name);
       if (!io::is_compressed_weight(student_ck, mod)) continue;
@@ -419,9 +424,7 @@ FinetuneReport finetune(const FinetuneOptions& o, ThreadPool& pool) {
   }
   // Clustering-aware tensors stored palettized start from their palettes.
   if (!trainer.clustered_tensors().empty()) {
-    const io::CompressionConfig scc = io::read_compression_config(
-        nlohmann::json::parse(read_text_file((fs::path(o.student_dir) / "config.json").string())),
-        o.student_dir + "/config.json");
+    const io::CompressionConfig& scc = *stored_config;
     for (const std::string& name : trainer.clustered_tensors()) {
       const std::string mod = module_of(name);
       if (!io::is_compressed_weight(student_ck, mod)) continue;
