@@ -341,7 +341,7 @@ TEST(FinetuneRecipe, ReadsTheShippedRecipes) {
   const auto& pm = std::get<compress::PalettizationArgs>(dkm.finetune_stage()->modifiers[0].args);
   EXPECT_EQ(pm.bits, 3);
   EXPECT_EQ(pm.group_size, 16);
-  EXPECT_DOUBLE_EQ(pm.temperature, 0.2);
+  EXPECT_DOUBLE_EQ(pm.temperature, 0.02);
   EXPECT_EQ(pm.iterations, 2);
   EXPECT_EQ(Recipe::from_yaml(dkm.to_yaml(), "again"), dkm) << dkm.to_yaml();
 

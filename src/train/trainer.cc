@@ -309,77 +309,83 @@ Trainer::Trainer(Model& student, Model* teacher, const compress::Stage& stage, T
   refresh_forward_weights(true);
 }
 
-std::vector<std::string> Trainer::clustered_tensors() const {
+namespace {
+
+// The tensors that a per-tensor table (the DKM palettes, the fake-quantization grids) covers:
+// those whose entry has rows.
+template <class T>
+std::vector<std::string> covered_names(const std::vector<ParamTensor>& ts,
+                                       const std::vector<T>& table) {
   std::vector<std::string> out;
-  const std::vector<ParamTensor>& ts = student_.tensors();
   for (size_t i = 0; i < ts.size(); ++i)
-    if (dkm_tensors_[i].rows > 0) out.push_back(ts[i].name);
+    if (table[i].rows > 0) out.push_back(ts[i].name);
   return out;
+}
+
+// The index of tensor `name` in such a table, or -1 when the table does not cover it.
+template <class T>
+int64_t covered_index(const std::vector<ParamTensor>& ts, const std::vector<T>& table,
+                      const std::string& name) {
+  for (size_t i = 0; i < ts.size(); ++i)
+    if (ts[i].name == name && table[i].rows > 0) return static_cast<int64_t>(i);
+  return -1;
+}
+
+}  // namespace
+
+std::vector<std::string> Trainer::clustered_tensors() const {
+  return covered_names(student_.tensors(), dkm_tensors_);
 }
 
 const DkmTensor& Trainer::clustering(const std::string& tensor) const {
-  const std::vector<ParamTensor>& ts = student_.tensors();
-  for (size_t i = 0; i < ts.size(); ++i)
-    if (ts[i].name == tensor && dkm_tensors_[i].rows > 0) return dkm_tensors_[i];
-  fail("train: '{}' is not a clustering-aware tensor", tensor);
+  const int64_t i = covered_index(student_.tensors(), dkm_tensors_, tensor);
+  if (i < 0) fail("train: '{}' is not a clustering-aware tensor", tensor);
+  return dkm_tensors_[static_cast<size_t>(i)];
 }
 
 void Trainer::set_clustering(const std::string& tensor, DkmTensor t) {
-  const std::vector<ParamTensor>& ts = student_.tensors();
-  for (size_t i = 0; i < ts.size(); ++i) {
-    if (ts[i].name != tensor || dkm_tensors_[i].rows == 0) continue;
-    const DkmTensor& old = dkm_tensors_[i];
-    SPARSA_CHECK(t.bits == old.bits && t.rows == old.rows && t.cols == old.cols &&
-                     t.group_rows > 0 &&
-                     static_cast<int64_t>(t.centroids.size()) == t.n_groups() * t.k(),
-                 "train: the palettes given for '{}' ({} bits, {}x{}, {} rows each) do not fit "
-                 "the recipe's ({} bits, {}x{})",
-                 tensor, t.bits, t.rows, t.cols, t.group_rows, old.bits, old.rows, old.cols);
-    dkm_tensors_[i] = std::move(t);
-    upload_clustering();
-    refresh_forward_weights();
-    return;
-  }
-  fail("train: '{}' is not a clustering-aware tensor", tensor);
+  const int64_t i = covered_index(student_.tensors(), dkm_tensors_, tensor);
+  if (i < 0) fail("train: '{}' is not a clustering-aware tensor", tensor);
+  const DkmTensor& old = dkm_tensors_[static_cast<size_t>(i)];
+  SPARSA_CHECK(t.bits == old.bits && t.rows == old.rows && t.cols == old.cols &&
+                   t.group_rows > 0 &&
+                   static_cast<int64_t>(t.centroids.size()) == t.n_groups() * t.k(),
+               "train: the palettes given for '{}' ({} bits, {}x{}, {} rows each) do not fit "
+               "the recipe's ({} bits, {}x{})",
+               tensor, t.bits, t.rows, t.cols, t.group_rows, old.bits, old.rows, old.cols);
+  dkm_tensors_[static_cast<size_t>(i)] = std::move(t);
+  upload_clustering();
+  refresh_forward_weights();
 }
 
 std::vector<std::string> Trainer::quantized_tensors() const {
-  std::vector<std::string> out;
-  const std::vector<ParamTensor>& ts = student_.tensors();
-  for (size_t i = 0; i < ts.size(); ++i)
-    if (grids_[i].rows > 0) out.push_back(ts[i].name);
-  return out;
+  return covered_names(student_.tensors(), grids_);
 }
 
 const FakeQuantGrid& Trainer::quant_grid(const std::string& tensor) const {
-  const std::vector<ParamTensor>& ts = student_.tensors();
-  for (size_t i = 0; i < ts.size(); ++i)
-    if (ts[i].name == tensor && grids_[i].rows > 0) return grids_[i];
-  fail("train: '{}' is not a quantization-aware tensor", tensor);
+  const int64_t i = covered_index(student_.tensors(), grids_, tensor);
+  if (i < 0) fail("train: '{}' is not a quantization-aware tensor", tensor);
+  return grids_[static_cast<size_t>(i)];
 }
 
 void Trainer::set_quant_grid(const std::string& tensor, FakeQuantGrid grid) {
-  const std::vector<ParamTensor>& ts = student_.tensors();
-  for (size_t i = 0; i < ts.size(); ++i) {
-    if (ts[i].name != tensor || grids_[i].rows == 0) continue;
-    const FakeQuantGrid& old = grids_[i];
-    SPARSA_CHECK(grid.bits == old.bits && grid.rows == old.rows && grid.cols == old.cols &&
-                     grid.n_groups > 0 &&
-                     static_cast<int64_t>(grid.scales.size()) == grid.rows * grid.n_groups &&
-                     grid.zeros.size() == grid.scales.size() &&
-                     static_cast<int64_t>(grid.g_idx.size()) == grid.cols,
-                 "train: the grid given for '{}' ({} bits, {}x{}, {} groups) does not fit the "
-                 "recipe's ({} bits, {}x{})",
-                 tensor, grid.bits, grid.rows, grid.cols, grid.n_groups, old.bits, old.rows,
-                 old.cols);
-    for (int32_t k : grid.g_idx)
-      SPARSA_CHECK(k >= 0 && k < grid.n_groups, "train: the grid of '{}' has group index {}",
-                   tensor, k);
-    grids_[i] = std::move(grid);
-    refresh_forward_weights();
-    return;
-  }
-  fail("train: '{}' is not a quantization-aware tensor", tensor);
+  const int64_t i = covered_index(student_.tensors(), grids_, tensor);
+  if (i < 0) fail("train: '{}' is not a quantization-aware tensor", tensor);
+  const FakeQuantGrid& old = grids_[static_cast<size_t>(i)];
+  SPARSA_CHECK(grid.bits == old.bits && grid.rows == old.rows && grid.cols == old.cols &&
+                   grid.n_groups > 0 &&
+                   static_cast<int64_t>(grid.scales.size()) == grid.rows * grid.n_groups &&
+                   grid.zeros.size() == grid.scales.size() &&
+                   static_cast<int64_t>(grid.g_idx.size()) == grid.cols,
+               "train: the grid given for '{}' ({} bits, {}x{}, {} groups) does not fit the "
+               "recipe's ({} bits, {}x{})",
+               tensor, grid.bits, grid.rows, grid.cols, grid.n_groups, old.bits, old.rows,
+               old.cols);
+  for (int32_t k : grid.g_idx)
+    SPARSA_CHECK(k >= 0 && k < grid.n_groups, "train: the grid of '{}' has group index {}",
+                 tensor, k);
+  grids_[static_cast<size_t>(i)] = std::move(grid);
+  refresh_forward_weights();
 }
 
 void Trainer::refresh_forward_weights(bool update_centroids) {
@@ -388,16 +394,19 @@ void Trainer::refresh_forward_weights(bool update_centroids) {
     gpu_->refresh_forward_weights(update_centroids);
     return;
   }
+  // Each tensor once: the fake-quantized or soft-clustered copy, or the weights as they are.
   float* fw = student_.forward_weights();
-  std::memcpy(fw, student_.params(), static_cast<size_t>(student_.num_params()) * sizeof(float));
   const std::vector<ParamTensor>& ts = student_.tensors();
   for (size_t i = 0; i < ts.size(); ++i) {
     const float* w = student_.params() + ts[i].offset;
-    if (grids_[i].rows > 0) fake_quantize(w, fw + ts[i].offset, grids_[i]);
-    if (dkm_tensors_[i].rows > 0) {
+    if (grids_[i].rows > 0) {
+      fake_quantize(w, fw + ts[i].offset, grids_[i]);
+    } else if (dkm_tensors_[i].rows > 0) {
       if (update_centroids) dkm_update_centroids(dkm_tensors_[i], w, dkm_opts_);
       dkm_soft_weights(dkm_tensors_[i], w, dkm_opts_, fw + ts[i].offset,
                        dkm_deriv_.data() + ts[i].offset);
+    } else {
+      std::memcpy(fw + ts[i].offset, w, static_cast<size_t>(ts[i].numel) * sizeof(float));
     }
   }
 }
