@@ -170,8 +170,13 @@ BENCHMARK(BM_Decode<DType::BF16>)->Args({2048, 2048, 4})->Args({2048, 2048, 8})-
 // A batch of 8 sequences of the server's load test (the 'small' model).
 BENCHMARK(BM_Decode<DType::BF16>)->SMALL_SHAPES(8)->UseRealTime();
 BENCHMARK(BM_Prefill<DType::BF16>)->SMALL_SHAPES(8)->UseRealTime();
-// Where the decode tiles hand over to the packed GEMM (kDecodeMaxTokens).
-BENCHMARK(BM_Decode<DType::BF16>)->Args({1024, 512, 12})->Args({1024, 512, 16})->Args({1024, 512, 24})->Args({1024, 512, 32})->UseRealTime();
+// Around the token count where dense decode tiles hand over to the GEMM (kDenseDecodeMaxTokens).
+BENCHMARK(BM_Decode<DType::BF16>)
+    ->Args({1024, 512, 12})
+    ->Args({1024, 512, 16})
+    ->Args({1024, 512, 24})
+    ->Args({1024, 512, 32})
+    ->UseRealTime();
 BENCHMARK(BM_Prefill<DType::BF16>)->SMALL_SHAPES(512)->Unit(benchmark::kMillisecond)->UseRealTime();
 BENCHMARK(BM_Prefill<DType::BF16>)
     ->TINYLLAMA_SHAPES(512)
