@@ -24,13 +24,14 @@ namespace {
 
 constexpr int64_t kBf16Values = 65536;
 
-// The table of rows [r0, r1); slot [65536] is scratch holding -1 on entry and on return.
-UniqueTable unique_table(const Matrix& w, int64_t r0, int64_t r1, std::span<const double> imp,
-                         std::vector<int32_t>& slot) {
+// The table of rows [r0, r1) of the row-major [*, cols] data w; slot [65536] is scratch holding
+// -1 on entry and on return.
+UniqueTable unique_table(const float* w, int64_t cols, int64_t r0, int64_t r1,
+                         std::span<const double> imp, std::vector<int32_t>& slot) {
   UniqueTable raw;
   for (int64_t r = r0; r < r1; ++r) {
-    const float* wr = w.row(r);
-    for (int64_t c = 0; c < w.cols; ++c) {
+    const float* wr = w + r * cols;
+    for (int64_t c = 0; c < cols; ++c) {
       const uint16_t b = f32_to_bf16(wr[c]);
       SPARSA_CHECK((b & 0x7f80u) != 0x7f80u, "palettize: weight ({}, {}) = {} is not finite", r, c,
                    wr[c]);
@@ -106,7 +107,13 @@ UniqueTable unique_bf16_table(const Matrix& w, int64_t row_begin, int64_t row_en
                "unique_bf16_table: {} column importances for {} columns", col_importance.size(),
                w.cols);
   std::vector<int32_t> slot(kBf16Values, -1);
-  return unique_table(w, row_begin, row_end, col_importance, slot);
+  return unique_table(w.data.data(), w.cols, row_begin, row_end, col_importance, slot);
+}
+
+UniqueTable unique_bf16_table(const float* w, int64_t rows, int64_t cols) {
+  SPARSA_CHECK(rows >= 0 && cols >= 0, "unique_bf16_table: a {}x{} shape", rows, cols);
+  std::vector<int32_t> slot(kBf16Values, -1);
+  return unique_table(w, cols, 0, rows, {}, slot);
 }
 
 std::vector<double> kmeans_plus_plus(std::span<const float> values, std::span<const double> weights,
@@ -215,10 +222,12 @@ Palette palettize(Matrix& w, const PaletteOptions& opts, std::span<const double>
   std::vector<int32_t> slot(kBf16Values, -1);
   std::vector<double> mid(static_cast<size_t>(k - 1));  // [k − 1], midpoints of the table
   for (int64_t gi = 0; gi < n_groups; ++gi) {
-    UniqueTable t = unique_table(w, gi * g, (gi + 1) * g, col_importance, slot);
+    UniqueTable t =
+        unique_table(w.data.data(), w.cols, gi * g, (gi + 1) * g, col_importance, slot);
     const double total = std::accumulate(t.weights.begin(), t.weights.end(), 0.0);
     // Rows whose columns all have zero importance: any table is as good, fit the plain counts.
-    if (!(total > 0.0)) t = unique_table(w, gi * g, (gi + 1) * g, {}, slot);
+    if (!(total > 0.0))
+      t = unique_table(w.data.data(), w.cols, gi * g, (gi + 1) * g, {}, slot);
     KMeans1d km = kmeans_lloyd(t.values, t.weights,
                                kmeans_plus_plus(t.values, t.weights, k, opts.seed), opts.max_iters);
     float* lut = p.lut.data() + gi * k;

@@ -60,31 +60,25 @@ double dkm_tau(const DkmTensor& t, int64_t g, const DkmOptions& o) {
 
 void dkm_update_centroids(DkmTensor& t, const float* w, const DkmOptions& o) {
   const int64_t k = t.k();
-  std::vector<uint16_t> bits;
   std::vector<double> a(static_cast<size_t>(k)), num(a.size()), den(a.size());
   for (int64_t g = 0; g < t.n_groups(); ++g) {
     // The unique-value table: the distinct bf16 values of the group and how many weights each.
     const int64_t r0 = g * t.group_rows, r1 = std::min(t.rows, r0 + t.group_rows);
-    bits.resize(static_cast<size_t>((r1 - r0) * t.cols));
-    for (int64_t i = 0; i < (r1 - r0) * t.cols; ++i)
-      bits[static_cast<size_t>(i)] = f32_to_bf16(w[r0 * t.cols + i]);
-    std::sort(bits.begin(), bits.end());
+    const compress::UniqueTable table =
+        compress::unique_bf16_table(w + r0 * t.cols, r1 - r0, t.cols);
     float* c = t.centroids.data() + g * k;
     for (int64_t it = 0; it < o.iterations; ++it) {
       const double tau = dkm_tau(t, g, o);
       std::fill(num.begin(), num.end(), 0.0);
       std::fill(den.begin(), den.end(), 0.0);
-      for (size_t i = 0; i < bits.size();) {
-        size_t e = i;
-        while (e < bits.size() && bits[e] == bits[i]) ++e;
-        const double v = bf16_to_f32(bits[i]), n = static_cast<double>(e - i);
+      for (size_t i = 0; i < table.values.size(); ++i) {
+        const double v = table.values[i], n = table.weights[i];
         double out = 0;
         soft_assign(v, c, k, tau, a.data(), &out, nullptr);
         for (int64_t j = 0; j < k; ++j) {
           num[static_cast<size_t>(j)] += n * a[static_cast<size_t>(j)] * v;
           den[static_cast<size_t>(j)] += n * a[static_cast<size_t>(j)];
         }
-        i = e;
       }
       for (int64_t j = 0; j < k; ++j)  // an empty cluster keeps its centroid
         if (den[static_cast<size_t>(j)] > 1e-30)

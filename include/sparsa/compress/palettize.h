@@ -49,6 +49,8 @@ struct UniqueTable {
 };
 UniqueTable unique_bf16_table(const Matrix& w, int64_t row_begin, int64_t row_end,
                               std::span<const double> col_importance = {});
+/// The same for row-major [rows, cols] data held elsewhere (the weights are the counts).
+UniqueTable unique_bf16_table(const float* w, int64_t rows, int64_t cols);
 
 /// k-means++ seeding of k centroids on weighted 1-D values; returns them ascending. When there are
 /// fewer than k distinct values with positive weight the last centroid is repeated.
