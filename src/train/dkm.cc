@@ -5,35 +5,9 @@
 
 #include "sparsa/core/dtype.h"
 #include "sparsa/core/error.h"
+#include "train/dkm_soft.h"
 
 namespace sparsa::train {
-
-namespace {
-
-// a_j ∝ exp(−(v − c_j)² / τ) over k centroids, in double; returns w̃ and ∂w̃/∂v.
-inline void soft_assign(double v, const float* c, int64_t k, double tau, double* a, double* out,
-                        double* deriv) {
-  double best = -INFINITY;
-  for (int64_t j = 0; j < k; ++j) {
-    const double d = v - c[j];
-    a[j] = -d * d / tau;
-    best = std::max(best, a[j]);
-  }
-  double sum = 0;
-  for (int64_t j = 0; j < k; ++j) sum += (a[j] = std::exp(a[j] - best));
-  double w = 0, gbar = 0, cg = 0;
-  for (int64_t j = 0; j < k; ++j) {
-    a[j] /= sum;
-    const double g = -2.0 * (v - c[j]) / tau;
-    w += a[j] * c[j];
-    gbar += a[j] * g;
-    cg += a[j] * c[j] * g;
-  }
-  *out = w;
-  if (deriv != nullptr) *deriv = cg - w * gbar;
-}
-
-}  // namespace
 
 DkmTensor dkm_init(const float* w, int64_t rows, int64_t cols, int bits, int64_t group_rows) {
   SPARSA_CHECK(bits >= 1 && bits <= 8 && rows > 0 && cols > 0,
@@ -74,7 +48,7 @@ void dkm_update_centroids(DkmTensor& t, const float* w, const DkmOptions& o) {
       for (size_t i = 0; i < table.values.size(); ++i) {
         const double v = table.values[i], n = table.weights[i];
         double out = 0;
-        soft_assign(v, c, k, tau, a.data(), &out, nullptr);
+        dkm_soft_assign(v, c, static_cast<int>(k), tau, a.data(), &out, nullptr);
         for (int64_t j = 0; j < k; ++j) {
           num[static_cast<size_t>(j)] += n * a[static_cast<size_t>(j)] * v;
           den[static_cast<size_t>(j)] += n * a[static_cast<size_t>(j)];
@@ -97,7 +71,8 @@ void dkm_soft_weights(const DkmTensor& t, const float* w, const DkmOptions& o, f
     const int64_t r0 = g * t.group_rows, r1 = std::min(t.rows, r0 + t.group_rows);
     for (int64_t i = r0 * t.cols; i < r1 * t.cols; ++i) {
       double x = 0, d = 0;
-      soft_assign(bf16_to_f32(f32_to_bf16(w[i])), c, k, tau, a.data(), &x, &d);
+      dkm_soft_assign(bf16_to_f32(f32_to_bf16(w[i])), c, static_cast<int>(k), tau, a.data(), &x,
+                      &d);
       out[i] = static_cast<float>(x);
       if (deriv != nullptr) deriv[i] = static_cast<float>(d);
     }

@@ -3,6 +3,7 @@
 // through kPartials per-block partials summed by a single block, so results do not depend on
 // scheduling.
 #include "kernels.cuh"
+#include "train/dkm_soft.h"
 
 #include <cuda_bf16.h>
 
@@ -403,29 +404,6 @@ __device__ double dkm_tau(const float* c, int k, double temperature) {
   return fmax(temperature * gap * gap, 1e-12);
 }
 
-// The soft assignment of v (as the CPU's soft_assign in src/train/dkm.cc).
-__device__ void dkm_soft(double v, const float* c, int k, double tau, double* a, double* out,
-                         double* deriv) {
-  double best = -1e300;
-  for (int j = 0; j < k; ++j) {
-    const double d = v - c[j];
-    a[j] = -d * d / tau;
-    best = fmax(best, a[j]);
-  }
-  double sum = 0;
-  for (int j = 0; j < k; ++j) sum += (a[j] = exp(a[j] - best));
-  double w = 0, gbar = 0, cg = 0;
-  for (int j = 0; j < k; ++j) {
-    a[j] /= sum;
-    const double g = -2.0 * (v - c[j]) / tau;
-    w += a[j] * c[j];
-    gbar += a[j] * g;
-    cg += a[j] * c[j] * g;
-  }
-  *out = w;
-  *deriv = cg - w * gbar;
-}
-
 __global__ void dkm_histogram_k(uint32_t* counts, const float* w, int64_t rows, int64_t cols,
                                 int64_t group_rows) {
   const int64_t n = rows * cols;
@@ -454,7 +432,7 @@ __global__ void dkm_update_k(float* centroids, const uint32_t* counts, int k, do
       if (n == 0) continue;
       const double v = __uint_as_float(static_cast<unsigned>(e) << 16);
       double out, d;
-      dkm_soft(v, c, k, tau, a, &out, &d);
+      dkm_soft_assign(v, c, k, tau, a, &out, &d);
       for (int j = 0; j < k; ++j) {
         num[j] += n * a[j] * v;
         den[j] += n * a[j];
@@ -481,7 +459,7 @@ __global__ void dkm_apply_k(float* out, float* deriv, const float* w, const floa
     const double tau = dkm_tau(c, k, temperature);
     const double v = __bfloat162float(__float2bfloat16_rn(w[i]));
     double x, d;
-    dkm_soft(v, c, k, tau, a, &x, &d);
+    dkm_soft_assign(v, c, k, tau, a, &x, &d);
     out[i] = static_cast<float>(x);
     deriv[i] = static_cast<float>(d);
   }
