@@ -167,7 +167,8 @@ BENCHMARK(BM_Decode<DType::BF16>)->TINYLLAMA_SHAPES(1)->UseRealTime();
 BENCHMARK(BM_Decode<DType::F16>)->TINYLLAMA_SHAPES(1)->UseRealTime();
 BENCHMARK(BM_Decode<DType::F32>)->TINYLLAMA_SHAPES(1)->UseRealTime();
 BENCHMARK(BM_Decode<DType::BF16>)->Args({2048, 2048, 4})->Args({2048, 2048, 8})->UseRealTime();
-// A batch of 8 sequences of the server's load test (the 'small' model).
+// A batch of 8 sequences of the server's load test (the 'small' model): W streamed from memory
+// (BM_Decode), and one copy of W that stays in cache (BM_Prefill, same kernel at 8 tokens).
 BENCHMARK(BM_Decode<DType::BF16>)->SMALL_SHAPES(8)->UseRealTime();
 BENCHMARK(BM_Prefill<DType::BF16>)->SMALL_SHAPES(8)->UseRealTime();
 // Around the token count where dense decode tiles hand over to the GEMM (kDenseDecodeMaxTokens).

@@ -158,6 +158,18 @@ TEST_F(CudaTrain, TrainerStepsFollowTheCpuAndKeepMasksExactlyZero) {
   EXPECT_GT(moved, 0);
 }
 
+// The CPU trainer `cpu` and the GPU trainer `gpu` (same model, recipe and data) run step by
+// step: the same validation CE at the start, every step's loss within 1e-3 relative, the final
+// validation CE within final_ce_tol.
+void expect_gpu_steps_follow_cpu(Trainer& cpu, Trainer& gpu, double final_ce_tol) {
+  EXPECT_NEAR(gpu.evaluate().ce, cpu.evaluate().ce, 1e-5);
+  while (cpu.step() < cpu.total_steps()) {
+    const StepStats sa = cpu.train_step(), sb = gpu.train_step();
+    EXPECT_NEAR(sb.loss, sa.loss, 1e-3 * sa.loss) << "step " << sa.step;
+  }
+  EXPECT_NEAR(gpu.evaluate().ce, cpu.evaluate().ce, final_ce_tol);
+}
+
 TEST_F(CudaTrain, QuantizationAwareStepsFollowTheCpu) {
   ThreadPool pool(2);
   const compress::Recipe r = compress::Recipe::from_yaml(R"(ft_stage:
@@ -177,12 +189,7 @@ TEST_F(CudaTrain, QuantizationAwareStepsFollowTheCpu) {
   Trainer tb(b, &teacher, *r.finetune_stage(), TokenData(tokens, 32, 8), pool);
   tb.use_cuda("fp32");
   // The fake-quantized forward: both start from the same quantized model.
-  EXPECT_NEAR(tb.evaluate().ce, ta.evaluate().ce, 1e-5);
-  while (ta.step() < ta.total_steps()) {
-    const StepStats sa = ta.train_step(), sb = tb.train_step();
-    EXPECT_NEAR(sb.loss, sa.loss, 1e-3 * sa.loss) << "step " << sa.step;
-  }
-  EXPECT_NEAR(tb.evaluate().ce, ta.evaluate().ce, 1e-2);
+  expect_gpu_steps_follow_cpu(ta, tb, 1e-2);
   tb.sync_to_host();
   const Model ref = half_pruned_tiny();
   for (const ParamTensor& t : b.tensors())
@@ -211,12 +218,7 @@ TEST_F(CudaTrain, ClusteringAwareStepsFollowTheCpu) {
   Trainer ta(a, &teacher, *r.finetune_stage(), TokenData(tokens, 32, 8), pool);
   Trainer tb(b, &teacher, *r.finetune_stage(), TokenData(tokens, 32, 8), pool);
   tb.use_cuda("fp32");
-  EXPECT_NEAR(tb.evaluate().ce, ta.evaluate().ce, 1e-5);
-  while (ta.step() < ta.total_steps()) {
-    const StepStats sa = ta.train_step(), sb = tb.train_step();
-    EXPECT_NEAR(sb.loss, sa.loss, 1e-3 * sa.loss) << "step " << sa.step;
-  }
-  EXPECT_NEAR(tb.evaluate().ce, ta.evaluate().ce, 1e-3);
+  expect_gpu_steps_follow_cpu(ta, tb, 1e-3);
   tb.sync_to_host();
   for (const std::string& name : ta.clustered_tensors()) {
     const std::vector<float>& ca = ta.clustering(name).centroids;
