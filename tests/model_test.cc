@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstdio>
 #include <nlohmann/json.hpp>
 
 #include "sparsa/core/error.h"
@@ -47,6 +48,7 @@ void check_logits(const std::string& name) {
   ThreadPool pool(2);
   const int64_t vocab = model->config().vocab_size;
   ASSERT_GE(ref.meta["prompts"].size(), 6u);
+  double worst = 0;
   for (const auto& p : ref.meta["prompts"]) {
     const auto ids = p["ids"].get<std::vector<int32_t>>();
     const auto& t = ref.logits.get(p["logits_tensor"].get<std::string>());
@@ -60,7 +62,10 @@ void check_logits(const std::string& name) {
     for (size_t i = 0; i < logits.size(); ++i)
       max_diff = std::max(max_diff, std::abs(static_cast<double>(logits[i]) - expect[i]));
     EXPECT_LE(max_diff, 1e-3) << name << ": prompt " << p["text"];
+    worst = std::max(worst, max_diff);
   }
+  std::printf("%s: max |logit - reference| over %zu prompts: %.3g\n", name.c_str(),
+              ref.meta["prompts"].size(), worst);
 }
 
 void check_greedy(const std::string& name) {
@@ -89,6 +94,8 @@ void check_perplexity(const std::string& name, double expected) {
   const auto r = perplexity(*model, tokens, 512, pool);
   EXPECT_EQ(r.tokens_scored, ref.meta["perplexity"]["valid"]["tokens_scored"].get<int64_t>());
   EXPECT_NEAR(r.ppl / expected, 1.0, 2e-4) << name << " ppl " << r.ppl;
+  std::printf("%s: valid perplexity %.4f over %lld tokens (reference %.4f)\n", name.c_str(), r.ppl,
+              static_cast<long long>(r.tokens_scored), expected);
 }
 
 TEST(ModelTiny, LogitsMatchReference) { check_logits("tiny"); }
