@@ -98,6 +98,7 @@ int32_t reference_draw(const std::vector<float>& logits, const SamplingParams& p
   std::sort(c.begin(), c.end(), [](const auto& a, const auto& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   });
+  if (p.top_k > 0 && static_cast<size_t>(p.top_k) < c.size()) c.resize(static_cast<size_t>(p.top_k));
   std::vector<double> prob(c.size());
   double sum = 0;
   for (size_t i = 0; i < c.size(); ++i) sum += prob[i] = std::exp(c[i].first - c[0].first);
@@ -110,6 +111,11 @@ int32_t reference_draw(const std::vector<float>& logits, const SamplingParams& p
       cum += prob[keep++];
       if (cum >= p.top_p) break;
     }
+    n = keep;
+  }
+  if (p.min_p > 0.0f) {
+    size_t keep = 1;
+    while (keep < n && prob[keep] >= prob[0] * p.min_p) ++keep;
     n = keep;
   }
   double total = 0;
@@ -134,10 +140,22 @@ TEST(Sampler, LargeVocabularyDrawsAsAComparisonSortWould) {
     else if (i % 5 == 0) logits[i] = 1.5f;
     else logits[i] = std::round(dist(gen) * 8.0f) / 8.0f;
   }
-  for (float top_p : {1.0f, 0.9f}) {
+  // The draw builds only as much of the sorted order as it reaches: cover the cut-offs that
+  // stop it early (top-k, top-p, min-p) and a temperature so high that the distribution is
+  // nearly flat and most draws walk deep into the order.
+  struct Case {
+    float temperature, top_p, min_p;
+    int top_k;
+  };
+  for (const Case& k : {Case{1.7f, 1.0f, 0.0f, 0}, Case{1.7f, 0.9f, 0.0f, 0},
+                        Case{1.7f, 1.0f, 0.0f, 40}, Case{1.7f, 0.95f, 0.02f, 700},
+                        Case{1.7f, 1.0f, 0.05f, 0}, Case{40.0f, 1.0f, 0.0f, 0},
+                        Case{40.0f, 0.5f, 0.0f, 0}}) {
     SamplingParams p;
-    p.temperature = 1.7f;
-    p.top_p = top_p;
+    p.temperature = k.temperature;
+    p.top_p = k.top_p;
+    p.min_p = k.min_p;
+    p.top_k = k.top_k;
     p.seed = 99;
     Sampler s(p);
     Rng rng(p.seed);
@@ -146,7 +164,9 @@ TEST(Sampler, LargeVocabularyDrawsAsAComparisonSortWould) {
     for (int i = 0; i < 300; ++i) {
       std::vector<float> l = logits;
       const int32_t got = s.sample(l.data(), static_cast<int64_t>(l.size()), {});
-      ASSERT_EQ(got, reference_draw(logits, p, rng)) << "draw " << i << ", top_p " << top_p;
+      ASSERT_EQ(got, reference_draw(logits, p, rng))
+          << "draw " << i << ", temperature " << k.temperature << ", top_p " << k.top_p
+          << ", min_p " << k.min_p << ", top_k " << k.top_k;
       distinct += got != prev;
       prev = got;
     }

@@ -2,7 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
-#include <cstring>
+#include <limits>
 
 #include "sparsa/core/error.h"
 
@@ -31,51 +31,6 @@ uint64_t splitmix64(uint64_t& x) {
 }
 uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
-// Sorts `c` by value, largest first, ties by index, smallest first: the order of std::sort
-// with the comparator of Sampler::sample (which is used below kRadixMin). `c` must hold indices
-// in ascending order. Least-significant-digit radix sort, 11 bits a pass, over an
-// order-preserving unsigned key of each float; stable, so ties keep their ascending indices.
-// A vocabulary of 8k–150k entries sorts in 3 linear passes instead of O(n log n) comparisons.
-constexpr size_t kRadixMin = 512;
-
-// key, key_tmp, count and tmp are scratch (resized here).
-void sort_by_value_descending(std::vector<std::pair<float, int32_t>>& c,
-                              std::vector<uint32_t>& key, std::vector<uint32_t>& key_tmp,
-                              std::vector<uint32_t>& count,
-                              std::vector<std::pair<float, int32_t>>& tmp) {
-  const size_t n = c.size();
-  key.resize(n);
-  key_tmp.resize(n);
-  tmp.resize(n);
-  for (size_t i = 0; i < n; ++i) {
-    uint32_t u;
-    std::memcpy(&u, &c[i].first, sizeof u);
-    if (u == 0x80000000u) u = 0;  // -0 ties with +0, as the comparator has it
-    const uint32_t ascending = (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-    key[i] = ~ascending;
-  }
-  constexpr int kBits = 11;
-  constexpr uint32_t kMask = (1u << kBits) - 1;
-  count.resize(size_t{1} << kBits);
-  for (int shift = 0; shift < 32; shift += kBits) {
-    std::fill(count.begin(), count.end(), 0u);
-    for (size_t i = 0; i < n; ++i) ++count[(key[i] >> shift) & kMask];
-    if (count[(key[0] >> shift) & kMask] == n) continue;  // every key has this digit
-    uint32_t sum = 0;
-    for (uint32_t& x : count) {
-      const uint32_t v = x;
-      x = sum;
-      sum += v;
-    }
-    for (size_t i = 0; i < n; ++i) {
-      const uint32_t d = count[(key[i] >> shift) & kMask]++;
-      key_tmp[d] = key[i];
-      tmp[d] = c[i];
-    }
-    key.swap(key_tmp);
-    c.swap(tmp);
-  }
-}
 }  // namespace
 
 Rng::Rng(uint64_t seed) {
@@ -123,51 +78,101 @@ int32_t Sampler::sample(float* logits, int64_t vocab, std::span<const int32_t> h
   }
   if (p_.temperature == 0.0f) return argmax(logits, vocab);
 
-  candidates_.resize(static_cast<size_t>(vocab));
-  for (int64_t i = 0; i < vocab; ++i)
-    candidates_[static_cast<size_t>(i)] = {logits[i] / p_.temperature, static_cast<int32_t>(i)};
+  // The draw walks the candidates from the most to the least likely (ties: smaller id first),
+  // as if the whole vocabulary were sorted; but only as much of that order is built as the draw
+  // reaches. The survivors' weights are summed in whatever order they lie, which moves the
+  // result only by rounding in the last bits; the walk itself, top-p's and min-p's cut-offs all
+  // follow the sorted order. Most draws end within the first few dozen tokens, so a draw costs a
+  // selection over the vocabulary (linear) instead of a full sort.
+  const size_t v = static_cast<size_t>(vocab);
+  candidates_.resize(v);
+  weight_.resize(v);
+  float maxf = -std::numeric_limits<float>::infinity();
+  for (size_t i = 0; i < v; ++i) {
+    const float c = logits[i] / p_.temperature;
+    candidates_[i] = {c, static_cast<int32_t>(i)};
+    maxf = std::max(maxf, c);
+  }
   auto by_logit = [](const auto& a, const auto& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
-  size_t n = candidates_.size();
+  const auto first = candidates_.begin();
+  size_t n = v;
   if (p_.top_k > 0 && static_cast<size_t>(p_.top_k) < n) {
     n = static_cast<size_t>(p_.top_k);
-    std::partial_sort(candidates_.begin(), candidates_.begin() + static_cast<ptrdiff_t>(n),
-                      candidates_.end(), by_logit);
-  } else if (n >= kRadixMin) {
-    sort_by_value_descending(candidates_, keys_, keys_tmp_, digit_counts_, candidates_tmp_);
-  } else {
-    std::sort(candidates_.begin(), candidates_.end(), by_logit);
+    std::nth_element(first, first + static_cast<ptrdiff_t>(n), candidates_.end(), by_logit);
   }
+  // [0, sorted) is in final order, and every candidate in [sorted, n) comes after all of them.
+  // The order is built in bands of value, highest first: a band's candidates are gathered
+  // to the front of the rest (one linear pass) and sorted; a single pass of nth_element keeps
+  // a band from growing past a few hundred (ties at one value, a flat distribution).
+  size_t sorted = 0;
+  int band = 0;
+  auto sort_through = [&](size_t m) {
+    while (sorted < m) {
+      constexpr float kBandWidth[] = {3.0f, 8.0f, 16.0f, 32.0f};
+      size_t end = n;
+      if (band < 4) {
+        const float floor = maxf - kBandWidth[band++];
+        end = sorted;
+        for (size_t i = sorted; i < n; ++i)
+          if (candidates_[i].first >= floor) std::swap(candidates_[i], candidates_[end++]);
+      }
+      if (end - sorted > 512 && m < sorted + 512) {
+        end = sorted + std::max<size_t>(m - sorted, 256);
+        std::nth_element(first + static_cast<ptrdiff_t>(sorted), first + static_cast<ptrdiff_t>(end),
+                         first + static_cast<ptrdiff_t>(n), by_logit);
+        band = 4;  // the rest is ordered by nth_element from here on, not by bands
+      }
+      std::sort(first + static_cast<ptrdiff_t>(sorted), first + static_cast<ptrdiff_t>(end),
+                by_logit);
+      sorted = end;
+    }
+  };
   // Softmax over the survivors, in double so that tiny tails still sum correctly.
-  const double maxl = candidates_[0].first;
-  std::vector<double>& prob = prob_;
-  prob.resize(n);
+  const double maxl = maxf;
   double sum = 0;
-  for (size_t i = 0; i < n; ++i) sum += prob[i] = std::exp(candidates_[i].first - maxl);
-  for (double& p : prob) p /= sum;
+  for (size_t i = 0; i < n; ++i) {
+    const auto& [c, id] = candidates_[i];
+    sum += weight_[static_cast<size_t>(id)] = std::exp(c - maxl);
+  }
+  const size_t survivors = n;
+  auto prob = [&](size_t i) { return weight_[static_cast<size_t>(candidates_[i].second)] / sum; };
   if (p_.top_p < 1.0f) {
     double cum = 0;
     size_t keep = 0;
     while (keep < n) {
-      cum += prob[keep++];
+      sort_through(keep + 1);
+      cum += prob(keep++);
       if (cum >= p_.top_p) break;
     }
     n = std::max<size_t>(keep, 1);
   }
   if (p_.min_p > 0.0f) {
-    const double floor = prob[0] * p_.min_p;
+    sort_through(1);
+    const double floor = prob(0) * p_.min_p;
     size_t keep = 1;
-    while (keep < n && prob[keep] >= floor) ++keep;
+    while (keep < n) {
+      sort_through(keep + 1);
+      if (!(prob(keep) >= floor)) break;
+      ++keep;
+    }
     n = keep;
   }
-  double total = 0;
-  for (size_t i = 0; i < n; ++i) total += prob[i];
+  // The draw, in units of weight: r uniform in [0, the kept weight), spent in sorted order.
+  auto weight = [&](size_t i) { return weight_[static_cast<size_t>(candidates_[i].second)]; };
+  double total = sum;
+  if (n < survivors) {
+    total = 0;
+    for (size_t i = 0; i < n; ++i) total += weight(i);
+  }
   double r = rng_.uniform() * total;
   for (size_t i = 0; i < n; ++i) {
-    r -= prob[i];
+    sort_through(i + 1);
+    r -= weight(i);
     if (r < 0) return candidates_[i].second;
   }
+  sort_through(n);
   return candidates_[n - 1].second;
 }
 

@@ -50,11 +50,9 @@ class Sampler {
   Rng rng_;
   std::vector<std::pair<float, int32_t>> candidates_;
   std::vector<int32_t> counts_;
-  // Scratch kept between calls, so that a draw allocates nothing: the radix sort's keys and
-  // buffers, the probabilities.
-  std::vector<uint32_t> keys_, keys_tmp_, digit_counts_;
-  std::vector<std::pair<float, int32_t>> candidates_tmp_;
-  std::vector<double> prob_;
+  // Scratch kept between calls, so that a draw allocates nothing: exp(logit - max) of each
+  // surviving token, by token id.
+  std::vector<double> weight_;
 };
 
 /// Index of the largest logit (the first one on ties).
