@@ -1,4 +1,5 @@
-// attention(): argument checks and the per-ISA dispatch; the kernels are in attention_impl.h.
+// attention() and silu_mul(): argument checks and the per-ISA dispatch; the kernels are in
+// attention_impl.h and linear_impl.h.
 #include "kernels/kernels_internal.h"
 #include "sparsa/core/error.h"
 #include "sparsa/kernels/linear.h"
@@ -43,5 +44,21 @@ void attention(const AttentionShape& s, const float* q, int64_t ldq, const float
                int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool) {
   attention_isa(active_isa(), s, q, ldq, k, v, ldkv, out, ldo, pool);
 }
+
+void silu_mul_isa(Isa isa, float* gate, const float* up, int64_t n) {
+  SPARSA_CHECK(static_cast<int>(isa) <= static_cast<int>(detect_isa()),
+               "silu_mul: this CPU cannot run the {} kernels", isa_name(isa));
+  SPARSA_CHECK(n >= 0, "silu_mul: n = {} must be >= 0", n);
+  switch (isa) {
+    case Isa::Avx512:
+      return avx512::silu_mul(gate, up, n);
+    case Isa::Avx2:
+      return avx2::silu_mul(gate, up, n);
+    case Isa::Generic:
+      return generic::silu_mul(gate, up, n);
+  }
+}
+
+void silu_mul(float* gate, const float* up, int64_t n) { silu_mul_isa(active_isa(), gate, up, n); }
 
 }  // namespace sparsa::kernels

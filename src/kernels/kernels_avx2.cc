@@ -29,6 +29,7 @@ struct Vec {
   static Reg add(Reg a, Reg b) { return _mm256_add_ps(a, b); }
   static Reg sub(Reg a, Reg b) { return _mm256_sub_ps(a, b); }
   static Reg mul(Reg a, Reg b) { return _mm256_mul_ps(a, b); }
+  static Reg div(Reg a, Reg b) { return _mm256_div_ps(a, b); }
   static Reg max(Reg a, Reg b) { return _mm256_max_ps(a, b); }
   static float reduce_add(Reg a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -116,5 +117,7 @@ void attention(const AttentionShape& s, const float* q, int64_t ldq, const float
 }
 
 float stream_sum(const float* p, int64_t n) { return detail::stream_sum<Vec>(p, n); }
+
+void silu_mul(float* gate, const float* up, int64_t n) { detail::silu_mul<Vec>(gate, up, n); }
 
 }  // namespace sparsa::kernels::avx2

@@ -31,6 +31,7 @@ struct Vec {
   static Reg add(Reg a, Reg b) { return _mm512_add_ps(a, b); }
   static Reg sub(Reg a, Reg b) { return _mm512_sub_ps(a, b); }
   static Reg mul(Reg a, Reg b) { return _mm512_mul_ps(a, b); }
+  static Reg div(Reg a, Reg b) { return _mm512_div_ps(a, b); }
   static Reg max(Reg a, Reg b) { return _mm512_max_ps(a, b); }
   static float reduce_add(Reg a) { return _mm512_reduce_add_ps(a); }
   static float reduce_max(Reg a) { return _mm512_reduce_max_ps(a); }
@@ -135,5 +136,7 @@ void attention(const AttentionShape& s, const float* q, int64_t ldq, const float
 }
 
 float stream_sum(const float* p, int64_t n) { return detail::stream_sum<Vec>(p, n); }
+
+void silu_mul(float* gate, const float* up, int64_t n) { detail::silu_mul<Vec>(gate, up, n); }
 
 }  // namespace sparsa::kernels::avx512

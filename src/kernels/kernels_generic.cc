@@ -50,6 +50,10 @@ struct Vec {
     for (int i = 0; i < kLanes; ++i) a.v[i] *= b.v[i];
     return a;
   }
+  static Reg div(Reg a, Reg b) {
+    for (int i = 0; i < kLanes; ++i) a.v[i] /= b.v[i];
+    return a;
+  }
   static Reg max(Reg a, Reg b) {
     for (int i = 0; i < kLanes; ++i) a.v[i] = a.v[i] > b.v[i] ? a.v[i] : b.v[i];
     return a;
@@ -101,5 +105,7 @@ void attention(const AttentionShape& s, const float* q, int64_t ldq, const float
 }
 
 float stream_sum(const float* p, int64_t n) { return detail::stream_sum<Vec>(p, n); }
+
+void silu_mul(float* gate, const float* up, int64_t n) { detail::silu_mul<Vec>(gate, up, n); }
 
 }  // namespace sparsa::kernels::generic

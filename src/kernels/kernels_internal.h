@@ -160,6 +160,7 @@ using StreamSumFn = float (*)(const float* p, int64_t n);
   void attention(const AttentionShape& s, const float* q, int64_t ldq, const float* k,     \
                  const float* v, int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool); \
   float stream_sum(const float* p, int64_t n);                                             \
+  void silu_mul(float* gate, const float* up, int64_t n);                                  \
   }
 SPARSA_DECLARE_ISA_KERNELS(generic)
 SPARSA_DECLARE_ISA_KERNELS(avx2)

@@ -267,6 +267,21 @@ LinearKernels make_linear_kernels(DType dtype) {
   return k;
 }
 
+// gate[i] = silu(gate[i]) · up[i], silu(g) = g / (1 + exp(-g)) (the SwiGLU of Llama's MLP).
+template <class V>
+void silu_mul(float* gate, const float* up, int64_t n) {
+  using Reg = typename V::Reg;
+  constexpr int L = V::kLanes;
+  const Reg one = V::set1(1.0f);
+  auto f = [&](Reg g, Reg u) { return V::mul(V::div(g, V::add(one, V::exp(V::sub(V::zero(), g)))), u); };
+  int64_t i = 0;
+  for (; i + L <= n; i += L) V::store(gate + i, f(V::load(gate + i), V::load(up + i)));
+  if (i < n) {
+    const int w = static_cast<int>(n - i);
+    V::store_partial(gate + i, f(V::load_partial(gate + i, w), V::load_partial(up + i, w)), w);
+  }
+}
+
 // Eight independent sums, so that the loop is bound by the loads.
 template <class V>
 float stream_sum(const float* p, int64_t n) {

@@ -12,6 +12,7 @@
 #include "sparsa/core/cpu.h"
 #include "sparsa/core/error.h"
 #include "sparsa/core/mapped_file.h"
+#include "sparsa/kernels/linear.h"
 #include "sparsa/kernels/packed_linear.h"
 
 namespace sparsa::model {
@@ -601,10 +602,7 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
     add_bias(up, ffn, n, b.up.bias);
   }
   pool.parallel_for(n * ffn, 4096, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
-      const float g = gate[i];
-      gate[i] = g / (1.0f + std::exp(-g)) * up[i];
-    }
+    kernels::silu_mul(gate + begin, up + begin, end - begin);
   });
   run_linear("down", b.down, gate, ffn, xn, h);
   for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];

@@ -9,6 +9,7 @@
 #include <cstring>
 
 #include "sparsa/core/error.h"
+#include "sparsa/kernels/linear.h"
 
 namespace sparsa::model {
 
@@ -168,10 +169,7 @@ void forward_batch(const Model& model, std::span<const BatchSequence> seqs, Batc
     add_bias(gate, ffn, n, b.gate.bias);
     add_bias(up, ffn, n, b.up.bias);
     pool.parallel_for(n * ffn, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const float g = gate[i];
-        gate[i] = g / (1.0f + std::exp(-g)) * up[i];
-      }
+      kernels::silu_mul(gate + begin, up + begin, end - begin);
     });
     linear_forward(b.down, gate, ffn, n, xn, h, ws.linear, pool);
     add_bias(xn, h, n, b.down.bias);

@@ -64,6 +64,11 @@ void attention(const AttentionShape& s, const float* q, int64_t ldq, const float
 void attention_isa(Isa isa, const AttentionShape& s, const float* q, int64_t ldq, const float* k,
                    const float* v, int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool);
 
+/// gate[i] = silu(gate[i]) · up[i] for i < n, silu(g) = g / (1 + exp(-g)): Llama's SwiGLU.
+/// The vector paths compute exp with a polynomial of about 1 ulp; the generic one calls std::exp.
+void silu_mul(float* gate, const float* up, int64_t n);
+void silu_mul_isa(Isa isa, float* gate, const float* up, int64_t n);
+
 /// Measured memory read bandwidth in bytes/s: streams a `bytes`-sized buffer (much larger than
 /// the caches) `reps` times with all threads of `pool`, and returns the best repetition.
 double measure_read_bandwidth(ThreadPool& pool, size_t bytes = size_t{1} << 30, int reps = 5);
