@@ -273,7 +273,9 @@ void silu_mul(float* gate, const float* up, int64_t n) {
   using Reg = typename V::Reg;
   constexpr int L = V::kLanes;
   const Reg one = V::set1(1.0f);
-  auto f = [&](Reg g, Reg u) { return V::mul(V::div(g, V::add(one, V::exp(V::sub(V::zero(), g)))), u); };
+  auto f = [&](Reg g, Reg u) {
+    return V::mul(V::div(g, V::add(one, V::exp(V::sub(V::zero(), g)))), u);
+  };
   int64_t i = 0;
   for (; i + L <= n; i += L) V::store(gate + i, f(V::load(gate + i), V::load(up + i)));
   if (i < n) {

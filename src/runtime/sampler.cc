@@ -137,7 +137,8 @@ int32_t Sampler::sample(float* logits, int64_t vocab, std::span<const int32_t> h
     sum += weight_[static_cast<size_t>(id)] = std::exp(c - maxl);
   }
   const size_t survivors = n;
-  auto prob = [&](size_t i) { return weight_[static_cast<size_t>(candidates_[i].second)] / sum; };
+  auto weight = [&](size_t i) { return weight_[static_cast<size_t>(candidates_[i].second)]; };
+  auto prob = [&](size_t i) { return weight(i) / sum; };
   if (p_.top_p < 1.0f) {
     double cum = 0;
     size_t keep = 0;
@@ -160,7 +161,6 @@ int32_t Sampler::sample(float* logits, int64_t vocab, std::span<const int32_t> h
     n = keep;
   }
   // The draw, in units of weight: r uniform in [0, the kept weight), spent in sorted order.
-  auto weight = [&](size_t i) { return weight_[static_cast<size_t>(candidates_[i].second)]; };
   double total = sum;
   if (n < survivors) {
     total = 0;

@@ -322,13 +322,14 @@ std::vector<std::string> covered_names(const std::vector<ParamTensor>& ts,
   return out;
 }
 
-// The index of tensor `name` in such a table, or -1 when the table does not cover it.
+// The index of tensor `name` in such a table; fails naming `kind` when the table does not cover
+// it.
 template <class T>
-int64_t covered_index(const std::vector<ParamTensor>& ts, const std::vector<T>& table,
-                      const std::string& name) {
+size_t covered_index(const std::vector<ParamTensor>& ts, const std::vector<T>& table,
+                     const std::string& name, const char* kind) {
   for (size_t i = 0; i < ts.size(); ++i)
-    if (ts[i].name == name && table[i].rows > 0) return static_cast<int64_t>(i);
-  return -1;
+    if (ts[i].name == name && table[i].rows > 0) return i;
+  fail("train: '{}' is not a {}-aware tensor", name, kind);
 }
 
 }  // namespace
@@ -338,22 +339,20 @@ std::vector<std::string> Trainer::clustered_tensors() const {
 }
 
 const DkmTensor& Trainer::clustering(const std::string& tensor) const {
-  const int64_t i = covered_index(student_.tensors(), dkm_tensors_, tensor);
-  if (i < 0) fail("train: '{}' is not a clustering-aware tensor", tensor);
-  return dkm_tensors_[static_cast<size_t>(i)];
+  const size_t i = covered_index(student_.tensors(), dkm_tensors_, tensor, "clustering");
+  return dkm_tensors_[i];
 }
 
 void Trainer::set_clustering(const std::string& tensor, DkmTensor t) {
-  const int64_t i = covered_index(student_.tensors(), dkm_tensors_, tensor);
-  if (i < 0) fail("train: '{}' is not a clustering-aware tensor", tensor);
-  const DkmTensor& old = dkm_tensors_[static_cast<size_t>(i)];
+  const size_t i = covered_index(student_.tensors(), dkm_tensors_, tensor, "clustering");
+  const DkmTensor& old = dkm_tensors_[i];
   SPARSA_CHECK(t.bits == old.bits && t.rows == old.rows && t.cols == old.cols &&
                    t.group_rows > 0 &&
                    static_cast<int64_t>(t.centroids.size()) == t.n_groups() * t.k(),
                "train: the palettes given for '{}' ({} bits, {}x{}, {} rows each) do not fit "
                "the recipe's ({} bits, {}x{})",
                tensor, t.bits, t.rows, t.cols, t.group_rows, old.bits, old.rows, old.cols);
-  dkm_tensors_[static_cast<size_t>(i)] = std::move(t);
+  dkm_tensors_[i] = std::move(t);
   upload_clustering();
   refresh_forward_weights();
 }
@@ -363,15 +362,13 @@ std::vector<std::string> Trainer::quantized_tensors() const {
 }
 
 const FakeQuantGrid& Trainer::quant_grid(const std::string& tensor) const {
-  const int64_t i = covered_index(student_.tensors(), grids_, tensor);
-  if (i < 0) fail("train: '{}' is not a quantization-aware tensor", tensor);
-  return grids_[static_cast<size_t>(i)];
+  const size_t i = covered_index(student_.tensors(), grids_, tensor, "quantization");
+  return grids_[i];
 }
 
 void Trainer::set_quant_grid(const std::string& tensor, FakeQuantGrid grid) {
-  const int64_t i = covered_index(student_.tensors(), grids_, tensor);
-  if (i < 0) fail("train: '{}' is not a quantization-aware tensor", tensor);
-  const FakeQuantGrid& old = grids_[static_cast<size_t>(i)];
+  const size_t i = covered_index(student_.tensors(), grids_, tensor, "quantization");
+  const FakeQuantGrid& old = grids_[i];
   SPARSA_CHECK(grid.bits == old.bits && grid.rows == old.rows && grid.cols == old.cols &&
                    grid.n_groups > 0 &&
                    static_cast<int64_t>(grid.scales.size()) == grid.rows * grid.n_groups &&
@@ -384,7 +381,7 @@ void Trainer::set_quant_grid(const std::string& tensor, FakeQuantGrid grid) {
   for (int32_t k : grid.g_idx)
     SPARSA_CHECK(k >= 0 && k < grid.n_groups, "train: the grid of '{}' has group index {}",
                  tensor, k);
-  grids_[static_cast<size_t>(i)] = std::move(grid);
+  grids_[i] = std::move(grid);
   refresh_forward_weights();
 }
 
