@@ -18,6 +18,7 @@
 #include <string>
 #include <vector>
 
+#include "sparsa/core/aligned.h"
 #include "sparsa/core/cpu.h"
 #include "sparsa/core/dtype.h"
 #include "sparsa/core/huge_pages.h"
@@ -43,10 +44,11 @@ ThreadPool& pool() {
 // would not describe the state a later measurement ran in.
 double read_bandwidth() { return measure_read_bandwidth(pool(), kStreamBytes, 3); }
 
-std::vector<float> random_floats(size_t n, uint32_t seed) {
+// Cache-line aligned, as the engine's activations are.
+AlignedVector<float> random_floats(size_t n, uint32_t seed) {
   std::mt19937 rng(seed);
   std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  std::vector<float> v(n);
+  AlignedVector<float> v(n);
   for (float& f : v) f = dist(rng);
   return v;
 }
@@ -59,7 +61,7 @@ struct Weights {
   Weights(DType dtype, int64_t rows, int64_t cols, size_t copies) {
     const size_t n = static_cast<size_t>(rows * cols), es = dtype_size(dtype);
     bytes = allocate_huge_pages(n * es * copies);
-    const std::vector<float> src = random_floats(n, 1);
+    const AlignedVector<float> src = random_floats(n, 1);
     for (size_t c = 0; c < copies; ++c) {
       uint8_t* base = bytes.get() + c * n * es;
       for (size_t i = 0; i < n; ++i) {
@@ -81,8 +83,8 @@ void BM_Decode(benchmark::State& state) {
   const size_t mat_bytes = static_cast<size_t>(rows * cols) * dtype_size(D);
   const size_t copies = std::max<size_t>(1, (kStreamBytes + mat_bytes - 1) / mat_bytes);
   const Weights w(D, rows, cols, copies);
-  const std::vector<float> x = random_floats(static_cast<size_t>(n * cols), 2);
-  std::vector<float> y(static_cast<size_t>(n * rows));
+  const AlignedVector<float> x = random_floats(static_cast<size_t>(n * cols), 2);
+  AlignedVector<float> y(static_cast<size_t>(n * rows));
   const double bw = read_bandwidth();
   size_t i = 0;
   for (auto _ : state) {
@@ -101,8 +103,8 @@ template <DType D>
 void BM_Prefill(benchmark::State& state) {
   const int64_t rows = state.range(0), cols = state.range(1), n = state.range(2);
   const Weights w(D, rows, cols, 1);
-  const std::vector<float> x = random_floats(static_cast<size_t>(n * cols), 2);
-  std::vector<float> y(static_cast<size_t>(n * rows));
+  const AlignedVector<float> x = random_floats(static_cast<size_t>(n * cols), 2);
+  AlignedVector<float> y(static_cast<size_t>(n * rows));
   for (auto _ : state) {
     linear(w.mats[0], x.data(), cols, n, y.data(), rows, pool());
     benchmark::DoNotOptimize(y.data());

@@ -15,7 +15,7 @@ namespace sparsa::model {
 
 namespace {
 
-void grow(std::vector<float>& v, int64_t n) {
+void grow(AlignedVector<float>& v, int64_t n) {
   if (static_cast<int64_t>(v.size()) < n) v.resize(static_cast<size_t>(n));
 }
 

@@ -28,7 +28,7 @@ struct BatchSequence {
 
 /// Activations of a batched step; grown on demand and reused across calls.
 struct BatchWorkspace {
-  std::vector<float> x, xn, q, k, v, attn, gate, up, cos, sin, logits;
+  AlignedVector<float> x, xn, q, k, v, attn, gate, up, cos, sin, logits;
   LinearScratch linear;  // W8A8 and low-rank intermediates
   std::vector<int64_t> pos;  // position of every stacked token
 };

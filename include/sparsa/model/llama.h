@@ -22,6 +22,7 @@
 #include <string>
 #include <vector>
 
+#include "sparsa/core/aligned.h"
 #include "sparsa/core/mapped_file.h"
 #include "sparsa/core/thread_pool.h"
 #include "sparsa/formats/packed_weight.h"
@@ -52,7 +53,7 @@ class KvCache {
   int64_t capacity_ = 0;
   int64_t size_ = 0;
   int64_t row_ = 0;
-  std::vector<std::vector<float>> k_, v_;
+  std::vector<AlignedVector<float>> k_, v_;
 };
 
 /// How Model::load runs the linear layers.
@@ -105,8 +106,8 @@ struct Linear {
 
 /// Scratch buffers of linear_forward(), grown on demand and reused.
 struct LinearScratch {
-  std::vector<float> xq;        // W8A8 layers: the int8-quantized input [n, cols]
-  std::vector<float> low_rank;  // low-rank layers: x Vᵀ [n, rank]
+  AlignedVector<float> xq;        // W8A8 layers: the int8-quantized input [n, cols]
+  AlignedVector<float> low_rank;  // low-rank layers: x Vᵀ [n, rank]
 };
 
 /// y = x Wᵀ (no bias) for n rows of x through kernels::linear on the layer's packed weight(s),
@@ -137,7 +138,7 @@ using LinearInputHook =
 /// Activations of one block over a chunk of tokens; grown on demand, reused across calls.
 struct BlockWorkspace {
   int64_t tokens = 0;
-  std::vector<float> xn, q, attn, gate, up, cos, sin;
+  AlignedVector<float> xn, q, attn, gate, up, cos, sin;
   LinearScratch linear;
   void reserve(const io::ModelConfig& config, int64_t n_tokens);
 };
@@ -223,7 +224,7 @@ class Model {
   std::shared_ptr<const void> storage_;  // from_parts(): what the weights point into
 
   // Activations of one chunk; grown once, reused by every call (no allocation while decoding).
-  std::vector<float> x_;
+  AlignedVector<float> x_;
   BlockWorkspace ws_;
 };
 
