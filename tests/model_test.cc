@@ -1,9 +1,13 @@
 // End-to-end numerics against Hugging Face transformers (fp32) references: logits, greedy text
 // and perplexity, for the vendored tiny model and (from ../shared) the small one.
 #include <gtest/gtest.h>
+#include <stdlib.h>
 
 #include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <nlohmann/json.hpp>
 
 #include "sparsa/core/error.h"
@@ -130,6 +134,73 @@ TEST(ModelTiny, WeightsReadIntoMemoryGiveTheSameLogitsAsMapped) {
   EXPECT_EQ(testing::count_differing(testing::all_logits(*mapped, ids, pool),
                                      testing::all_logits(*read, ids, pool)),
             0u);
+}
+
+// safetensors places tensors back to back after a header of any length, so mapped weights
+// start anywhere. Here tiny's header gets 8 more bytes of padding (spaces, as writers pad it):
+// every tensor then sits 8 bytes off a cache line in the file, yet the dense kernels get
+// cache-line-aligned rows (copied at load) and the logits are the same. KV cache rows are
+// aligned too.
+TEST(ModelTiny, WeightsOffCacheLinesInTheFileAreRunAligned) {
+  namespace fs = std::filesystem;
+  std::string tmpl = (fs::temp_directory_path() / "sparsa_model_XXXXXX").string();
+  ASSERT_NE(::mkdtemp(tmpl.data()), nullptr);
+  const fs::path dir = tmpl;
+  struct Cleanup {
+    fs::path p;
+    ~Cleanup() {
+      std::error_code ec;
+      fs::remove_all(p, ec);
+    }
+  } cleanup{dir};
+  const fs::path src = testing::tiny_model_dir();
+  fs::copy_file(src / "config.json", dir / "config.json");
+  const std::string bytes = read_text_file((src / "model.safetensors").string());
+  uint64_t header = 0;
+  ASSERT_GE(bytes.size(), 8u);
+  std::memcpy(&header, bytes.data(), 8);
+  const uint64_t padded = header + 8;
+  std::string shifted(reinterpret_cast<const char*>(&padded), 8);
+  shifted += bytes.substr(8, header);
+  shifted += std::string(8, ' ');
+  shifted += bytes.substr(8 + header);
+  {
+    std::ofstream out(dir / "model.safetensors", std::ios::binary);
+    out.write(shifted.data(), static_cast<std::streamsize>(shifted.size()));
+    ASSERT_TRUE(out.good());
+  }
+
+  auto model = model::Model::load(dir.string());
+  auto offset = [](const void* p) { return reinterpret_cast<uintptr_t>(p) % 64; };
+  int dense = 0, mapped_off_line = 0;
+  auto check = [&](const model::Linear& l) {
+    ASSERT_TRUE(l.packed != nullptr) << l.name;
+    const formats::PackedView& v = l.packed->view();
+    if (v.codec != formats::Codec::Float) return;
+    ++dense;
+    EXPECT_EQ(offset(v.dense), 0u) << l.name;
+    if (offset(l.weight.data) != 0) ++mapped_off_line;
+  };
+  for (const model::Block& b : model->blocks())
+    for (const model::Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) check(*l);
+  check(model->lm_head());
+  EXPECT_GT(dense, 0);
+  EXPECT_EQ(mapped_off_line, dense);  // every one of them was off a line in the file
+
+  auto reference = model::Model::load(testing::tiny_model_dir());
+  ThreadPool pool(2);
+  const std::vector<int32_t> ids = {0, 645, 838, 3757, 6198, 343, 201, 1351, 264, 2227};
+  EXPECT_EQ(testing::count_differing(testing::all_logits(*reference, ids, pool),
+                                     testing::all_logits(*model, ids, pool)),
+            0u);
+
+  model::KvCache cache(model->config(), 5);
+  for (int64_t l = 0; l < model->config().num_layers; ++l) {
+    EXPECT_EQ(offset(cache.keys(l)), 0u);
+    EXPECT_EQ(offset(cache.values(l)), 0u);
+  }
+  AlignedVector<float> v(3);
+  EXPECT_EQ(offset(v.data()), 0u);
 }
 
 TEST(ModelTiny, PromptLongerThanContextIsRejected) {
