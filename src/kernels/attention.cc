@@ -1,4 +1,4 @@
-// attention() and silu_mul(): argument checks and the per-ISA dispatch; the kernels are in
+// attention(), silu_mul() and exp_shifted(): argument checks and the per-ISA dispatch; the kernels are in
 // attention_impl.h and linear_impl.h.
 #include "kernels/kernels_internal.h"
 #include "sparsa/core/error.h"
@@ -60,5 +60,23 @@ void silu_mul_isa(Isa isa, float* gate, const float* up, int64_t n) {
 }
 
 void silu_mul(float* gate, const float* up, int64_t n) { silu_mul_isa(active_isa(), gate, up, n); }
+
+void exp_shifted_isa(Isa isa, const float* x, float shift, float* y, int64_t n) {
+  SPARSA_CHECK(static_cast<int>(isa) <= static_cast<int>(detect_isa()),
+               "exp_shifted: this CPU cannot run the {} kernels", isa_name(isa));
+  SPARSA_CHECK(n >= 0, "exp_shifted: n = {} must be >= 0", n);
+  switch (isa) {
+    case Isa::Avx512:
+      return avx512::exp_shifted(x, shift, y, n);
+    case Isa::Avx2:
+      return avx2::exp_shifted(x, shift, y, n);
+    case Isa::Generic:
+      return generic::exp_shifted(x, shift, y, n);
+  }
+}
+
+void exp_shifted(const float* x, float shift, float* y, int64_t n) {
+  exp_shifted_isa(active_isa(), x, shift, y, n);
+}
 
 }  // namespace sparsa::kernels

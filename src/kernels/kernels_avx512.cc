@@ -138,5 +138,8 @@ void attention(const AttentionShape& s, const float* q, int64_t ldq, const float
 float stream_sum(const float* p, int64_t n) { return detail::stream_sum<Vec>(p, n); }
 
 void silu_mul(float* gate, const float* up, int64_t n) { detail::silu_mul<Vec>(gate, up, n); }
+void exp_shifted(const float* x, float shift, float* y, int64_t n) {
+  detail::exp_shifted<Vec>(x, shift, y, n);
+}
 
 }  // namespace sparsa::kernels::avx512

@@ -161,6 +161,7 @@ using StreamSumFn = float (*)(const float* p, int64_t n);
                  const float* v, int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool); \
   float stream_sum(const float* p, int64_t n);                                             \
   void silu_mul(float* gate, const float* up, int64_t n);                                  \
+  void exp_shifted(const float* x, float shift, float* y, int64_t n);                      \
   }
 SPARSA_DECLARE_ISA_KERNELS(generic)
 SPARSA_DECLARE_ISA_KERNELS(avx2)

@@ -284,6 +284,19 @@ void silu_mul(float* gate, const float* up, int64_t n) {
   }
 }
 
+// y[i] = exp(x[i] - shift).
+template <class V>
+void exp_shifted(const float* x, float shift, float* y, int64_t n) {
+  constexpr int L = V::kLanes;
+  const auto s = V::set1(shift);
+  int64_t i = 0;
+  for (; i + L <= n; i += L) V::store(y + i, V::exp(V::sub(V::load(x + i), s)));
+  if (i < n) {
+    const int w = static_cast<int>(n - i);
+    V::store_partial(y + i, V::exp(V::sub(V::load_partial(x + i, w), s)), w);
+  }
+}
+
 // Eight independent sums, so that the loop is bound by the loads.
 template <class V>
 float stream_sum(const float* p, int64_t n) {

@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "sparsa/core/error.h"
+#include "sparsa/kernels/linear.h"
 
 namespace sparsa {
 
@@ -86,13 +87,18 @@ int32_t Sampler::sample(float* logits, int64_t vocab, std::span<const int32_t> h
   // selection over the vocabulary (linear) instead of a full sort.
   const size_t v = static_cast<size_t>(vocab);
   candidates_.resize(v);
-  weight_.resize(v);
-  float maxf = -std::numeric_limits<float>::infinity();
-  for (size_t i = 0; i < v; ++i) {
-    const float c = logits[i] / p_.temperature;
-    candidates_[i] = {c, static_cast<int32_t>(i)};
-    maxf = std::max(maxf, c);
-  }
+  scaled_.resize(v);
+  // Separate simple loops, so that the compiler vectorizes them; the maximum in eight chains.
+  const float temperature = p_.temperature;
+  for (size_t i = 0; i < v; ++i) scaled_[i] = logits[i] / temperature;
+  float part_max[8];
+  std::fill(part_max, part_max + 8, -std::numeric_limits<float>::infinity());
+  size_t i8 = 0;
+  for (; i8 + 8 <= v; i8 += 8)
+    for (int j = 0; j < 8; ++j) part_max[j] = std::max(part_max[j], scaled_[i8 + j]);
+  for (int j = 0; i8 + j < v; ++j) part_max[j] = std::max(part_max[j], scaled_[i8 + j]);
+  const float maxf = *std::max_element(part_max, part_max + 8);
+  for (size_t i = 0; i < v; ++i) candidates_[i] = {scaled_[i], static_cast<int32_t>(i)};
   auto by_logit = [](const auto& a, const auto& b) {
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
@@ -129,15 +135,24 @@ int32_t Sampler::sample(float* logits, int64_t vocab, std::span<const int32_t> h
       sorted = end;
     }
   };
-  // Softmax over the survivors, in double so that tiny tails still sum correctly.
-  const double maxl = maxf;
+  // Softmax over the survivors: exp(c - max) by the vector kernel (f32, about 1 ulp) for the
+  // whole vocabulary at once, summed in double so that tiny tails still count.
+  kernels::exp_shifted(scaled_.data(), maxf, scaled_.data(), vocab);
   double sum = 0;
-  for (size_t i = 0; i < n; ++i) {
-    const auto& [c, id] = candidates_[i];
-    sum += weight_[static_cast<size_t>(id)] = std::exp(c - maxl);
+  if (n == v) {  // the whole vocabulary, in id order: eight chains of double sums
+    double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    size_t i = 0;
+    for (; i + 8 <= v; i += 8)
+      for (int j = 0; j < 8; ++j) part[j] += scaled_[i + j];
+    for (int j = 0; i + j < v; ++j) part[j] += scaled_[i + j];
+    sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  } else {
+    for (size_t i = 0; i < n; ++i) sum += scaled_[static_cast<size_t>(candidates_[i].second)];
   }
   const size_t survivors = n;
-  auto weight = [&](size_t i) { return weight_[static_cast<size_t>(candidates_[i].second)]; };
+  auto weight = [&](size_t i) {
+    return static_cast<double>(scaled_[static_cast<size_t>(candidates_[i].second)]);
+  };
   auto prob = [&](size_t i) { return weight(i) / sum; };
   if (p_.top_p < 1.0f) {
     double cum = 0;

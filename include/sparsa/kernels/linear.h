@@ -69,6 +69,12 @@ void attention_isa(Isa isa, const AttentionShape& s, const float* q, int64_t ldq
 void silu_mul(float* gate, const float* up, int64_t n);
 void silu_mul_isa(Isa isa, float* gate, const float* up, int64_t n);
 
+/// y[i] = exp(x[i] - shift) for i < n, the difference taken in f32 (x and y may be the same
+/// array): the sampler's softmax weights. The vector paths use silu_mul's polynomial exp; below
+/// e^-87 (about the smallest normal float) a result is only guaranteed to be at most 1.7e-38.
+void exp_shifted(const float* x, float shift, float* y, int64_t n);
+void exp_shifted_isa(Isa isa, const float* x, float shift, float* y, int64_t n);
+
 /// Measured memory read bandwidth in bytes/s: streams a `bytes`-sized buffer (much larger than
 /// the caches) `reps` times with all threads of `pool`, and returns the best repetition.
 double measure_read_bandwidth(ThreadPool& pool, size_t bytes = size_t{1} << 30, int reps = 5);

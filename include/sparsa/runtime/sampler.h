@@ -50,9 +50,9 @@ class Sampler {
   Rng rng_;
   std::vector<std::pair<float, int32_t>> candidates_;
   std::vector<int32_t> counts_;
-  // Scratch kept between calls, so that a draw allocates nothing: exp(logit - max) of each
-  // surviving token, by token id.
-  std::vector<double> weight_;
+  // Scratch kept between calls, so that a draw allocates nothing: logits / temperature, then
+  // exp(· - max), by token id.
+  std::vector<float> scaled_;
 };
 
 /// Index of the largest logit (the first one on ties).
