@@ -130,6 +130,28 @@ TEST_F(CliTest, NoMmapReadsTheWeightsAndGivesTheSameText) {
   EXPECT_EQ(json::parse(b.out)["weights_in"], "read (huge pages)");
 }
 
+// --kv-cache bf16: tiny's greedy text is unchanged, bench counts two bytes per cached element, and
+// any other type is refused.
+TEST_F(CliTest, Bf16KvCacheOnGenerateAndBench) {
+  const json ref = json::parse(read_text_file(testing::fixtures_dir() + "/tiny.json"));
+  const auto& p = ref["prompts"][0];
+  CliRun r = run("generate " + quote(testing::tiny_model_dir()) + " -p " +
+                 quote(p["text"].get<std::string>()) +
+                 " -n 32 --ignore-eos --threads 2 --kv-cache bf16");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(r.out.rfind(p["greedy_text"].get<std::string>() + "\n", 0), 0u) << r.out;
+  r = run("bench " + quote(testing::tiny_model_dir()) +
+          " --threads 1 --prompt-tokens 16 --decode-tokens 4 --repetitions 1 --bandwidth-mb 16 "
+          "--kv-cache bf16 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  const json j = json::parse(r.out);
+  EXPECT_EQ(j["kv_cache"], "bf16");
+  EXPECT_EQ(j["kv_bytes_per_token"].get<int64_t>(), static_cast<int64_t>(2 * 2 * 64 * 2 * 18.5));
+  r = run("generate " + quote(testing::tiny_model_dir()) + " -p hi --kv-cache f16");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("--kv-cache: f16 not in {f32,bf16}"), std::string::npos) << r.out;
+}
+
 TEST_F(CliTest, InitRandomWritesALoadableCheckpoint) {
   const std::string out = (dir_ / "rand").string();
   CliRun r = run("init-random --hidden 64 --layers 2 --heads 4 --kv-heads 2 --ffn 96 --vocab 300 "

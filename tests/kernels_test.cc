@@ -273,6 +273,9 @@ TEST(LinearArgs, RejectsBadArguments) {
                "ldq = 12");
   expect_error([&] { attention(s, buf.data(), 16, nullptr, buf.data(), 8, y.data(), 16, pool); },
                "pointer is null");
+  s.kv_dtype = DType::F16;
+  expect_error([&] { attention(s, buf.data(), 16, buf.data(), buf.data(), 8, y.data(), 16, pool); },
+               "a KV cache of F16 is not supported (expected F32 or BF16)");
 }
 
 struct AttentionCase {
@@ -288,44 +291,69 @@ void PrintTo(const AttentionCase& c, std::ostream* os) {
 
 class AttentionTest : public ::testing::TestWithParam<AttentionCase> {};
 
+// The cache in f32 and in bf16: the kernels widen bf16 keys and values as they read them, so
+// against the reference over the same rounded values the tolerance is the f32 one.
 TEST_P(AttentionTest, MatchesReference) {
-  const AttentionCase& c = GetParam();
-  AttentionShape s;
-  s.n_q = c.n_q;
-  s.pos0 = c.pos0;
-  s.n_heads = c.n_heads;
-  s.n_kv_heads = c.n_kv_heads;
-  s.head_dim = c.head_dim;
-  s.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-  const int64_t ldq = int64_t{c.n_heads} * c.head_dim + 5;
-  const int64_t ldo = int64_t{c.n_heads} * c.head_dim + 3;
-  const int64_t ldkv = int64_t{c.n_kv_heads} * c.head_dim + 7;
-  const int64_t n_keys = c.pos0 + c.n_q;
-  const auto q = random_floats(static_cast<size_t>(c.n_q * ldq), 1, -c.q_scale, c.q_scale);
-  const auto k = random_floats(static_cast<size_t>(n_keys * ldkv), 2);
-  const auto v = random_floats(static_cast<size_t>(n_keys * ldkv), 3);
-  std::vector<float> ref(static_cast<size_t>(c.n_q * ldo));
-  reference::attention(s, q.data(), ldq, k.data(), v.data(), ldkv, ref.data(), ldo);
-
-  const int64_t width = int64_t{c.n_heads} * c.head_dim;
-  for (Isa isa : runnable_isas())
-    for (int threads : {1, 2}) {
-      ThreadPool pool(threads);
-      std::vector<float> out(ref.size(), std::numeric_limits<float>::quiet_NaN());
-      attention_isa(isa, s, q.data(), ldq, k.data(), v.data(), ldkv, out.data(), ldo, pool);
-      int failures = 0;
-      for (int64_t i = 0; i < c.n_q && failures < 5; ++i)
-        for (int64_t j = 0; j < ldo; ++j) {
-          const float o = out[i * ldo + j];
-          const bool ok =
-              j < width ? std::abs(double{o} - ref[i * ldo + j]) <= kAttentionTol : std::isnan(o);
-          if (!ok) {
-            ADD_FAILURE() << isa_name(isa) << " threads=" << threads << ": out[" << i << ", " << j
-                          << "] = " << o << ", reference " << ref[i * ldo + j];
-            ++failures;
-          }
-        }
+  for (DType kv : {DType::F32, DType::BF16}) {
+    SCOPED_TRACE(std::string("kv cache ") + std::string(dtype_name(kv)));
+    const AttentionCase& c = GetParam();
+    AttentionShape s;
+    s.kv_dtype = kv;
+    s.n_q = c.n_q;
+    s.pos0 = c.pos0;
+    s.n_heads = c.n_heads;
+    s.n_kv_heads = c.n_kv_heads;
+    s.head_dim = c.head_dim;
+    s.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
+    const int64_t ldq = int64_t{c.n_heads} * c.head_dim + 5;
+    const int64_t ldo = int64_t{c.n_heads} * c.head_dim + 3;
+    const int64_t ldkv = int64_t{c.n_kv_heads} * c.head_dim + 7;
+    const int64_t n_keys = c.pos0 + c.n_q;
+    const auto q = random_floats(static_cast<size_t>(c.n_q * ldq), 1, -c.q_scale, c.q_scale);
+    const auto k32 = random_floats(static_cast<size_t>(n_keys * ldkv), 2);
+    const auto v32 = random_floats(static_cast<size_t>(n_keys * ldkv), 3);
+    std::vector<uint16_t> k16(k32.size()), v16(v32.size());
+    for (size_t i = 0; i < k32.size(); ++i) {
+      k16[i] = f32_to_bf16(k32[i]);
+      v16[i] = f32_to_bf16(v32[i]);
     }
+    const void* k = kv == DType::BF16 ? static_cast<const void*>(k16.data()) : k32.data();
+    const void* v = kv == DType::BF16 ? static_cast<const void*>(v16.data()) : v32.data();
+    std::vector<float> ref(static_cast<size_t>(c.n_q * ldo));
+    reference::attention(s, q.data(), ldq, k, v, ldkv, ref.data(), ldo);
+    if (kv == DType::BF16) {
+      // The reference reads the bf16 cache too: it differs from the f32 one's by the rounding.
+      std::vector<float> exact(ref.size());
+      AttentionShape s32 = s;
+      s32.kv_dtype = DType::F32;
+      reference::attention(s32, q.data(), ldq, k32.data(), v32.data(), ldkv, exact.data(), ldo);
+      double diff = 0;
+      for (size_t i = 0; i < ref.size(); ++i)
+        diff = std::max(diff, std::abs(double{ref[i]} - exact[i]));
+      EXPECT_GT(diff, 0.0);
+      EXPECT_LT(diff, 2e-2);
+    }
+
+    const int64_t width = int64_t{c.n_heads} * c.head_dim;
+    for (Isa isa : runnable_isas())
+      for (int threads : {1, 2}) {
+        ThreadPool pool(threads);
+        std::vector<float> out(ref.size(), std::numeric_limits<float>::quiet_NaN());
+        attention_isa(isa, s, q.data(), ldq, k, v, ldkv, out.data(), ldo, pool);
+        int failures = 0;
+        for (int64_t i = 0; i < c.n_q && failures < 5; ++i)
+          for (int64_t j = 0; j < ldo; ++j) {
+            const float o = out[i * ldo + j];
+            const bool ok =
+                j < width ? std::abs(double{o} - ref[i * ldo + j]) <= kAttentionTol : std::isnan(o);
+            if (!ok) {
+              ADD_FAILURE() << isa_name(isa) << " threads=" << threads << ": out[" << i << ", " << j
+                            << "] = " << o << ", reference " << ref[i * ldo + j];
+              ++failures;
+            }
+          }
+      }
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(

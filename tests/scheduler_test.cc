@@ -32,7 +32,7 @@ float max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
   return d;
 }
 
-TEST(BatchForward, MixedPrefillAndDecodeEqualPerSequenceForward) {
+void check_batch_forward(DType kv) {
   auto model = model::Model::load(testing::tiny_model_dir());
   const auto& cfg = model->config();
   const size_t vocab = static_cast<size_t>(cfg.vocab_size);
@@ -41,8 +41,8 @@ TEST(BatchForward, MixedPrefillAndDecodeEqualPerSequenceForward) {
       {0, 645, 838, 3757, 6198, 17, 99}, {0, 12, 13}, {0, 400, 401, 402, 403}};
   std::vector<model::KvCache> ref, bat;
   for (size_t s = 0; s < prompts.size(); ++s) {
-    ref.emplace_back(cfg, 64);
-    bat.emplace_back(cfg, 64);
+    ref.emplace_back(cfg, 64, kv);
+    bat.emplace_back(cfg, 64, kv);
   }
   std::vector<std::vector<float>> ref_logits(3, std::vector<float>(vocab)), bat_logits = ref_logits;
   model::BatchWorkspace ws;
@@ -67,13 +67,16 @@ TEST(BatchForward, MixedPrefillAndDecodeEqualPerSequenceForward) {
     }
   }
   // A sequence that does not fit is refused before any cache changes.
-  model::KvCache small(cfg, 2);
+  model::KvCache small(cfg, 2, kv);
   const std::vector<int32_t> three = {1, 2, 3}, one = {5};
   std::vector<model::BatchSequence> bad = {{one, &bat[0], nullptr}, {three, &small, nullptr}};
   const int64_t before = bat[0].size();
   EXPECT_THROW(model::forward_batch(*model, bad, ws, pool), Error);
   EXPECT_EQ(bat[0].size(), before);
 }
+
+TEST(BatchForward, MixedPrefillAndDecodeEqualPerSequenceForward) { check_batch_forward(DType::F32); }
+TEST(BatchForward, Bf16KvCacheEqualsPerSequenceForward) { check_batch_forward(DType::BF16); }
 
 struct Collected {
   std::mutex m;
@@ -120,7 +123,7 @@ std::vector<GenerateOptions> varied_options() {
   return opts;
 }
 
-TEST(Scheduler, ContinuousBatchingEqualsSequentialGeneration) {
+void check_continuous_batching(DType kv) {
   const Tokenizer tok = Tokenizer::from_file(testing::tiny_model_dir() + "/tokenizer.json");
   const std::vector<std::string> texts = {"The kernel scheduler", "Memory barriers", "A file system",
                                           "def main():", "The network stack", "Interrupts", "Python"};
@@ -130,14 +133,18 @@ TEST(Scheduler, ContinuousBatchingEqualsSequentialGeneration) {
   {
     auto model = model::Model::load(testing::tiny_model_dir());
     ThreadPool pool(2);
-    for (size_t i = 0; i < texts.size(); ++i)
-      want.push_back(generate(*model, tok, texts[i], opts[i], pool).ids);
+    for (size_t i = 0; i < texts.size(); ++i) {
+      GenerateOptions o = opts[i];
+      o.kv_cache = kv;
+      want.push_back(generate(*model, tok, texts[i], o, pool).ids);
+    }
   }
   // Three slots for seven requests: sequences join and leave the running batch as they finish.
   EngineOptions eo;
   eo.max_sequences = 3;
   eo.threads = 2;
   eo.context = 256;
+  eo.kv_cache = kv;
   Engine engine(model::Model::load(testing::tiny_model_dir()), eo);
   SchedulerOptions so;
   so.prefill_tokens = 4;  // prompts are cut into chunks interleaved with decoding
@@ -167,6 +174,13 @@ TEST(Scheduler, ContinuousBatchingEqualsSequentialGeneration) {
   EXPECT_EQ(st.time_to_first_token.count, texts.size());
   EXPECT_GT(st.steps, 0u);
   EXPECT_LT(st.steps, st.generated_tokens + st.prompt_tokens);  // batching took place
+}
+
+TEST(Scheduler, ContinuousBatchingEqualsSequentialGeneration) {
+  check_continuous_batching(DType::F32);
+}
+TEST(Scheduler, Bf16KvCacheContinuousBatchingEqualsSequentialGeneration) {
+  check_continuous_batching(DType::BF16);
 }
 
 pipeline::PipelineOptions tiny_options(int slots, int queue) {

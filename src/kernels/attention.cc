@@ -6,8 +6,8 @@
 
 namespace sparsa::kernels {
 
-void attention_isa(Isa isa, const AttentionShape& s, const float* q, int64_t ldq, const float* k,
-                   const float* v, int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool) {
+void attention_isa(Isa isa, const AttentionShape& s, const float* q, int64_t ldq, const void* k,
+                   const void* v, int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool) {
   SPARSA_CHECK(static_cast<int>(isa) <= static_cast<int>(detect_isa()),
                "attention: this CPU cannot run the {} kernels", isa_name(isa));
   SPARSA_CHECK(s.n_q >= 0 && s.pos0 >= 0, "attention: n_q = {} and pos0 = {} must be >= 0", s.n_q,
@@ -16,6 +16,9 @@ void attention_isa(Isa isa, const AttentionShape& s, const float* q, int64_t ldq
                "attention: {} query heads cannot be grouped over {} kv heads", s.n_heads,
                s.n_kv_heads);
   SPARSA_CHECK(s.head_dim > 0, "attention: head_dim = {} must be positive", s.head_dim);
+  SPARSA_CHECK(s.kv_dtype == DType::F32 || s.kv_dtype == DType::BF16,
+               "attention: a KV cache of {} is not supported (expected F32 or BF16)",
+               dtype_name(s.kv_dtype));
   if (s.n_q == 0) return;
   SPARSA_CHECK(q != nullptr && k != nullptr && v != nullptr && out != nullptr,
                "attention: a query, key, value or output pointer is null");
@@ -40,7 +43,7 @@ void attention_isa(Isa isa, const AttentionShape& s, const float* q, int64_t ldq
   }
 }
 
-void attention(const AttentionShape& s, const float* q, int64_t ldq, const float* k, const float* v,
+void attention(const AttentionShape& s, const float* q, int64_t ldq, const void* k, const void* v,
                int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool) {
   attention_isa(active_isa(), s, q, ldq, k, v, ldkv, out, ldo, pool);
 }

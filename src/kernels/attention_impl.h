@@ -7,14 +7,19 @@
 //   P = softmax(S)     row by row over the causal prefix, unnormalized; 1/sum kept aside
 //   O = P V / sum      register-tiled OR rows × OV vectors of head dims, V read in place
 // Scores of a row over all its keys fit in the thread's scratch (rows × keys floats).
+//
+// The cache holds f32 or bf16 (E = float or uint16_t); bf16 rows are widened to f32 as they are
+// loaded, and all arithmetic is f32 either way.
 #pragma once
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include "kernels/kernels_internal.h"
+#include "kernels/linear_impl.h"
 #include "sparsa/core/thread_pool.h"
 
 #ifndef SPARSA_KERNELS_ISA
@@ -28,9 +33,35 @@ inline constexpr int kKeyBlock = 256;
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// One cache element, or kLanes of them, as f32.
+template <class E>
+inline float kv_at(const E* p) {
+  if constexpr (std::is_same_v<E, float>) {
+    return *p;
+  } else {
+    return bf16_bits_to_f32(*p);
+  }
+}
+template <class V, class E>
+inline typename V::Reg kv_load(const E* p) {
+  if constexpr (std::is_same_v<E, float>) {
+    return V::load(p);
+  } else {
+    return V::template load_w<DType::BF16>(p);
+  }
+}
+template <class V, class E>
+inline typename V::Reg kv_load_partial(const E* p, int n) {
+  if constexpr (std::is_same_v<E, float>) {
+    return V::load_partial(p, n);
+  } else {
+    return V::template load_w_partial<DType::BF16>(p, n);
+  }
+}
+
 // kt[dd * ldkt + j] = k[j * ldk + dd] for dd < d, j < n; columns n .. n_pad - 1 are zero.
-template <class V>
-void pack_keys_t(const float* k, int64_t ldk, int n, int n_pad, int d, float* kt, int64_t ldkt) {
+template <class V, class E>
+void pack_keys_t(const E* k, int64_t ldk, int n, int n_pad, int d, float* kt, int64_t ldkt) {
   using Reg = typename V::Reg;
   constexpr int L = V::kLanes;
   int j = 0;
@@ -38,15 +69,15 @@ void pack_keys_t(const float* k, int64_t ldk, int n, int n_pad, int d, float* kt
     int dd = 0;
     for (; dd + L <= d; dd += L) {
       Reg r[L];
-      for (int i = 0; i < L; ++i) r[i] = V::load(k + (j + i) * ldk + dd);
+      for (int i = 0; i < L; ++i) r[i] = kv_load<V>(k + (j + i) * ldk + dd);
       V::transpose(r);
       for (int i = 0; i < L; ++i) V::store(kt + (dd + i) * ldkt + j, r[i]);
     }
     for (; dd < d; ++dd)
-      for (int i = 0; i < L; ++i) kt[dd * ldkt + j + i] = k[(j + i) * ldk + dd];
+      for (int i = 0; i < L; ++i) kt[dd * ldkt + j + i] = kv_at(k + (j + i) * ldk + dd);
   }
   for (int dd = 0; dd < d; ++dd)
-    for (int jj = j; jj < n_pad; ++jj) kt[dd * ldkt + jj] = jj < n ? k[jj * ldk + dd] : 0.0f;
+    for (int jj = j; jj < n_pad; ++jj) kt[dd * ldkt + jj] = jj < n ? kv_at(k + jj * ldk + dd) : 0.0f;
 }
 
 // s[i * lds + j] = scale · sum_dd qp[dd * SR + i] · kt[dd * ldkt + j], i < M, j < SV · kLanes.
@@ -82,8 +113,8 @@ void score_rows(int m, int d, const float* qp, const float* kt, int64_t ldkt, fl
 
 // out[i][dc + c] = inv[i] · sum_j p[i * ldp + j] · v[j * ldv + c] for i < M, c < width, where
 // width is NV vectors, the last one `tail` lanes wide when Partial.
-template <class V, int M, int NV, bool Partial>
-void pv_tile(int64_t n_keys, const float* p, int64_t ldp, const float* v, int64_t ldv, int tail,
+template <class V, int M, int NV, bool Partial, class E>
+void pv_tile(int64_t n_keys, const float* p, int64_t ldp, const E* v, int64_t ldv, int tail,
              float* const* out, int64_t dc, const float* inv) {
   using Reg = typename V::Reg;
   constexpr int L = V::kLanes;
@@ -93,8 +124,8 @@ void pv_tile(int64_t n_keys, const float* p, int64_t ldp, const float* v, int64_
   for (int64_t j = 0; j < n_keys; ++j) {
     Reg vv[NV];
     for (int u = 0; u < NV; ++u)
-      vv[u] = Partial && u == NV - 1 ? V::load_partial(v + j * ldv + u * L, tail)
-                                     : V::load(v + j * ldv + u * L);
+      vv[u] = Partial && u == NV - 1 ? kv_load_partial<V>(v + j * ldv + u * L, tail)
+                                     : kv_load<V>(v + j * ldv + u * L);
     for (int i = 0; i < M; ++i) {
       const Reg pv = V::set1(p[i * ldp + j]);
       for (int u = 0; u < NV; ++u) acc[i][u] = V::fmadd(pv, vv[u], acc[i][u]);
@@ -113,8 +144,8 @@ void pv_tile(int64_t n_keys, const float* p, int64_t ldp, const float* v, int64_
   }
 }
 
-template <class V, int M, int NV>
-void pv_width(int width, int64_t n_keys, const float* p, int64_t ldp, const float* v, int64_t ldv,
+template <class V, int M, int NV, class E>
+void pv_width(int width, int64_t n_keys, const float* p, int64_t ldp, const E* v, int64_t ldv,
               float* const* out, int64_t dc, const float* inv) {
   constexpr int L = V::kLanes;
   if constexpr (NV > 1) {
@@ -128,8 +159,8 @@ void pv_width(int width, int64_t n_keys, const float* p, int64_t ldp, const floa
   }
 }
 
-template <class V, int OV, int M>
-void pv_rows(int m, int width, int64_t n_keys, const float* p, int64_t ldp, const float* v,
+template <class V, int OV, int M, class E>
+void pv_rows(int m, int width, int64_t n_keys, const float* p, int64_t ldp, const E* v,
              int64_t ldv, float* const* out, int64_t dc, const float* inv) {
   if constexpr (M > 1) {
     if (m < M) return pv_rows<V, OV, M - 1>(m, width, n_keys, p, ldp, v, ldv, out, dc, inv);
@@ -168,8 +199,8 @@ float softmax_row(float* s, int64_t len) {
 // A decode step (one query per head): s[r * lds + j] = scale · q_r · k_j for j < nk, each key
 // row read in place (no packed Kᵀ); L keys at a time, their L dot-product vectors summed into
 // one vector by V::sum_lanes. Needs V::sum_lanes and d a multiple of kLanes.
-template <class V>
-void decode_scores(int rows, int d, const float* const* qr, const float* k, int64_t ldk,
+template <class V, class E>
+void decode_scores(int rows, int d, const float* const* qr, const E* k, int64_t ldk,
                    int64_t nk, float* s, int64_t lds, float scale) {
   using Reg = typename V::Reg;
   constexpr int L = V::kLanes;
@@ -182,7 +213,7 @@ void decode_scores(int rows, int d, const float* const* qr, const float* k, int6
       for (int dd = 0; dd < d; dd += L) {
         const Reg qv = V::load(qr[r] + dd);
         for (int i = 0; i < nj; ++i)
-          acc[i] = V::fmadd(qv, V::load(k + (j + i) * ldk + dd), acc[i]);
+          acc[i] = V::fmadd(qv, kv_load<V>(k + (j + i) * ldk + dd), acc[i]);
       }
       const Reg sum = V::mul(V::sum_lanes(acc), sc);
       if (nj == L) {
@@ -194,9 +225,9 @@ void decode_scores(int rows, int d, const float* const* qr, const float* k, int6
   }
 }
 
-template <class V, int SR, int SV, int OR, int OV>
+template <class V, int SR, int SV, int OR, int OV, class E>
 void attention_task(const AttentionShape& s, int hk, int64_t i0, int64_t i1, const float* q,
-                    int64_t ldq, const float* k, const float* v, int64_t ldkv, float* out,
+                    int64_t ldq, const E* k, const E* v, int64_t ldkv, float* out,
                     int64_t ldo) {
   using Reg = typename V::Reg;
   constexpr int L = V::kLanes;
@@ -273,9 +304,9 @@ void attention_task(const AttentionShape& s, int hk, int64_t i0, int64_t i1, con
   }
 }
 
-template <class V, int SR, int SV, int OR, int OV>
-void attention(const AttentionShape& s, const float* q, int64_t ldq, const float* k, const float* v,
-               int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool) {
+template <class V, int SR, int SV, int OR, int OV, class E>
+void attention_typed(const AttentionShape& s, const float* q, int64_t ldq, const E* k, const E* v,
+                     int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool) {
   const int g = s.n_heads / s.n_kv_heads;
   // About four row tiles per task; the latest queries (the most keys) are handed out first.
   const int64_t bq_max = (4 * SR + g - 1) / g;
@@ -287,6 +318,19 @@ void attention(const AttentionShape& s, const float* q, int64_t ldq, const float
     const int64_t i1 = (b + 1) * bq < s.n_q ? (b + 1) * bq : s.n_q;
     attention_task<V, SR, SV, OR, OV>(s, hk, b * bq, i1, q, ldq, k, v, ldkv, out, ldo);
   });
+}
+
+// k and v point to f32 or bf16 elements as s.kv_dtype says.
+template <class V, int SR, int SV, int OR, int OV>
+void attention(const AttentionShape& s, const float* q, int64_t ldq, const void* k, const void* v,
+               int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool) {
+  if (s.kv_dtype == DType::BF16) {
+    attention_typed<V, SR, SV, OR, OV>(s, q, ldq, static_cast<const uint16_t*>(k),
+                                       static_cast<const uint16_t*>(v), ldkv, out, ldo, pool);
+  } else {
+    attention_typed<V, SR, SV, OR, OV>(s, q, ldq, static_cast<const float*>(k),
+                                       static_cast<const float*>(v), ldkv, out, ldo, pool);
+  }
 }
 
 }  // namespace sparsa::kernels::SPARSA_KERNELS_ISA::detail

@@ -130,7 +130,7 @@ LinearKernels linear_kernels(DType dtype) {
 }
 
 // Scores: 12 rows × 32 keys; outputs: 6 rows × 64 head dims.
-void attention(const AttentionShape& s, const float* q, int64_t ldq, const float* k, const float* v,
+void attention(const AttentionShape& s, const float* q, int64_t ldq, const void* k, const void* v,
                int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool) {
   detail::attention<Vec, 12, 2, 6, 4>(s, q, ldq, k, v, ldkv, out, ldo, pool);
 }

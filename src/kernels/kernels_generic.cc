@@ -99,7 +99,7 @@ LinearKernels linear_kernels(DType dtype) {
   return detail::make_linear_kernels<Vec, 4, 4, 2, 4, 2>(dtype);
 }
 
-void attention(const AttentionShape& s, const float* q, int64_t ldq, const float* k, const float* v,
+void attention(const AttentionShape& s, const float* q, int64_t ldq, const void* k, const void* v,
                int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool) {
   detail::attention<Vec, 4, 2, 4, 2>(s, q, ldq, k, v, ldkv, out, ldo, pool);
 }

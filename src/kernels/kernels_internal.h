@@ -148,17 +148,14 @@ struct LinearKernels {
   int nr = 0;  // output features per micro-tile
 };
 
-using AttentionFn = void (*)(const AttentionShape& s, const float* q, int64_t ldq, const float* k,
-                             const float* v, int64_t ldkv, float* out, int64_t ldo,
-                             ThreadPool& pool);
 /// Sums n floats with wide loads (the bandwidth probe's read loop).
 using StreamSumFn = float (*)(const float* p, int64_t n);
 
 #define SPARSA_DECLARE_ISA_KERNELS(ns)                                                     \
   namespace ns {                                                                           \
   LinearKernels linear_kernels(DType dtype);                                               \
-  void attention(const AttentionShape& s, const float* q, int64_t ldq, const float* k,     \
-                 const float* v, int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool); \
+  void attention(const AttentionShape& s, const float* q, int64_t ldq, const void* k,      \
+                 const void* v, int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool);  \
   float stream_sum(const float* p, int64_t n);                                             \
   void silu_mul(float* gate, const float* up, int64_t n);                                  \
   void exp_shifted(const float* x, float shift, float* y, int64_t n);                      \

@@ -1,5 +1,7 @@
 // The scalar oracles of the kernels: plain loops in double precision, no blocking, no threads.
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "sparsa/core/dtype.h"
@@ -37,8 +39,16 @@ void linear(const DenseWeight& w, const float* x, int64_t ldx, int64_t n_tokens,
     }
 }
 
-void attention(const AttentionShape& s, const float* q, int64_t ldq, const float* k, const float* v,
-               int64_t ldkv, float* out, int64_t ldo) {
+void attention(const AttentionShape& s, const float* q, int64_t ldq, const void* k_data,
+               const void* v_data, int64_t ldkv, float* out, int64_t ldo) {
+  const bool bf16 = s.kv_dtype == DType::BF16;
+  auto at = [bf16](const void* base, int64_t i) -> double {
+    if (!bf16) return static_cast<const float*>(base)[i];
+    const uint32_t bits = uint32_t{static_cast<const uint16_t*>(base)[i]} << 16;
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+  };
   const int g = s.n_heads / s.n_kv_heads;
   const int d = s.head_dim;
   std::vector<double> p;
@@ -52,7 +62,7 @@ void attention(const AttentionShape& s, const float* q, int64_t ldq, const float
       double mx = -INFINITY;
       for (int64_t j = 0; j < len; ++j) {
         double dot = 0.0;
-        for (int c = 0; c < d; ++c) dot += double{qi[c]} * k[j * ldkv + kv + c];
+        for (int c = 0; c < d; ++c) dot += double{qi[c]} * at(k_data, j * ldkv + kv + c);
         p[static_cast<size_t>(j)] = dot * s.scale;
         mx = std::max(mx, p[static_cast<size_t>(j)]);
       }
@@ -61,7 +71,7 @@ void attention(const AttentionShape& s, const float* q, int64_t ldq, const float
       std::fill(o.begin(), o.end(), 0.0);
       for (int64_t j = 0; j < len; ++j)
         for (int c = 0; c < d; ++c)
-          o[static_cast<size_t>(c)] += p[static_cast<size_t>(j)] * v[j * ldkv + kv + c];
+          o[static_cast<size_t>(c)] += p[static_cast<size_t>(j)] * at(v_data, j * ldkv + kv + c);
       for (int c = 0; c < d; ++c)
         out[i * ldo + h * d + c] = static_cast<float>(o[static_cast<size_t>(c)] / sum);
     }

@@ -427,13 +427,74 @@ std::vector<float> rope_inverse_frequencies(const io::ModelConfig& c) {
   return inv;
 }
 
-KvCache::KvCache(const io::ModelConfig& c, int64_t max_tokens) {
+KvCache::KvCache(const io::ModelConfig& c, int64_t max_tokens, DType dtype) : dtype_(dtype) {
   SPARSA_CHECK(max_tokens > 0, "KV cache size must be positive, got {}", max_tokens);
+  SPARSA_CHECK(dtype == DType::F32 || dtype == DType::BF16,
+               "a KV cache of {} is not supported (expected F32 or BF16)", dtype_name(dtype));
   capacity_ = std::min(max_tokens, c.max_context());
   row_ = c.num_kv_heads * c.head_dim;
-  k_.assign(static_cast<size_t>(c.num_layers),
-            AlignedVector<float>(static_cast<size_t>(capacity_ * row_)));
-  v_ = k_;
+  const size_t layers = static_cast<size_t>(c.num_layers);
+  const size_t elems = static_cast<size_t>(capacity_ * row_);
+  if (dtype == DType::F32) {
+    k_.assign(layers, AlignedVector<float>(elems));
+    v_ = k_;
+  } else {
+    kh_.assign(layers, AlignedVector<uint16_t>(elems));
+    vh_ = kh_;
+  }
+}
+
+float* KvCache::keys(int64_t layer) {
+  SPARSA_CHECK(dtype_ == DType::F32, "KvCache::keys: the cache holds {}, not F32",
+               dtype_name(dtype_));
+  return k_[static_cast<size_t>(layer)].data();
+}
+
+float* KvCache::values(int64_t layer) {
+  SPARSA_CHECK(dtype_ == DType::F32, "KvCache::values: the cache holds {}, not F32",
+               dtype_name(dtype_));
+  return v_[static_cast<size_t>(layer)].data();
+}
+
+KvLayer KvCache::layer(int64_t layer) {
+  const size_t l = static_cast<size_t>(layer);
+  if (dtype_ == DType::F32) return {k_[l].data(), v_[l].data(), dtype_};
+  return {kh_[l].data(), vh_[l].data(), dtype_};
+}
+
+namespace {
+
+void store_rows(KvLayer kv, int64_t row, int64_t pos, const float* k, const float* v, int64_t n,
+                int64_t ld) {
+  if (kv.dtype == DType::F32) {
+    for (int64_t t = 0; t < n; ++t) {
+      std::memcpy(static_cast<float*>(kv.k) + (pos + t) * row, k + t * ld,
+                  static_cast<size_t>(row) * sizeof(float));
+      std::memcpy(static_cast<float*>(kv.v) + (pos + t) * row, v + t * ld,
+                  static_cast<size_t>(row) * sizeof(float));
+    }
+    return;
+  }
+  for (int64_t t = 0; t < n; ++t) {
+    uint16_t* kd = static_cast<uint16_t*>(kv.k) + (pos + t) * row;
+    uint16_t* vd = static_cast<uint16_t*>(kv.v) + (pos + t) * row;
+    for (int64_t i = 0; i < row; ++i) {
+      kd[i] = f32_to_bf16(k[t * ld + i]);
+      vd[i] = f32_to_bf16(v[t * ld + i]);
+    }
+  }
+}
+
+}  // namespace
+
+void KvCache::write(int64_t layer, int64_t pos, const float* k, const float* v, int64_t n,
+                    int64_t ld) {
+  SPARSA_CHECK(layer >= 0 && layer < static_cast<int64_t>(std::max(k_.size(), kh_.size())),
+               "KvCache::write: no layer {}", layer);
+  SPARSA_CHECK(pos >= 0 && n >= 0 && pos + n <= capacity_ && ld >= row_,
+               "KvCache::write: rows {} .. {} (stride {}) do not fit the cache ({} rows of {})",
+               pos, pos + n, ld, capacity_, row_);
+  store_rows(this->layer(layer), row_, pos, k, v, n, ld);
 }
 
 void KvCache::truncate(int64_t n) { size_ = std::clamp<int64_t>(n, 0, size_); }
@@ -558,13 +619,14 @@ void BlockWorkspace::reserve(const io::ModelConfig& c, int64_t n) {
   grow(up, c.intermediate_size);
   grow(cos, c.head_dim / 2);
   grow(sin, c.head_dim / 2);
+  grow(k, c.num_kv_heads * c.head_dim);
+  grow(v, c.num_kv_heads * c.head_dim);
   tokens = n;
 }
 
 void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
                    const std::vector<float>& inv_freq, float* x, int64_t n, int64_t pos0,
-                   float* k_cache, float* v_cache, BlockWorkspace& ws, const LinearInputHook& hook,
-                   ThreadPool& pool) {
+                   KvLayer kv, BlockWorkspace& ws, const LinearInputHook& hook, ThreadPool& pool) {
   const int64_t h = c.hidden_size, hd = c.head_dim, half = hd / 2;
   const int64_t qw = c.num_heads * hd, kvw = c.num_kv_heads * hd, ffn = c.intermediate_size;
   const float eps = static_cast<float>(c.rms_norm_eps);
@@ -587,9 +649,13 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
   shape.n_kv_heads = static_cast<int>(c.num_kv_heads);
   shape.head_dim = static_cast<int>(hd);
   shape.scale = 1.0f / std::sqrt(static_cast<float>(hd));
+  shape.kv_dtype = kv.dtype;
 
-  float* kc = k_cache + pos0 * kvw;
-  float* vc = v_cache + pos0 * kvw;
+  // An f32 cache takes the new keys and values straight from the projections; a bf16 one gets
+  // them rounded once they are final (after RoPE).
+  const bool direct = kv.dtype == DType::F32;
+  float* kc = direct ? static_cast<float*>(kv.k) + pos0 * kvw : ws.k.data();
+  float* vc = direct ? static_cast<float*>(kv.v) + pos0 * kvw : ws.v.data();
   rms_norm(x, b.attn_norm.data(), eps, n, h, xn);
   if (hook) {
     run_linear("q", b.q, xn, h, q, qw);
@@ -604,7 +670,8 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
   }
   apply_rope(q, qw, n, c.num_heads, hd, ws.cos.data(), ws.sin.data());
   apply_rope(kc, kvw, n, c.num_kv_heads, hd, ws.cos.data(), ws.sin.data());
-  kernels::attention(shape, q, qw, k_cache, v_cache, kvw, attn, qw, pool);
+  if (!direct) store_rows(kv, kvw, pos0, kc, vc, n, kvw);
+  kernels::attention(shape, q, qw, kv.k, kv.v, kvw, attn, qw, pool);
   run_linear("o", b.o, attn, qw, xn, h);
   for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];
 
@@ -656,7 +723,7 @@ void Model::forward_chunk(std::span<const int32_t> tokens, KvCache& cache, float
   for (int64_t t = 0; t < n; ++t) to_f32(embed_, tokens[static_cast<size_t>(t)] * h, h, x + t * h);
   for (int64_t l = 0; l < c.num_layers; ++l)
     block_forward(c, blocks_[static_cast<size_t>(l)], l, rope_inv_freq_, x, n, cache.size(),
-                  cache.keys(l), cache.values(l), ws_, hook_, pool);
+                  cache.layer(l), ws_, hook_, pool);
   cache.advance(n);
   if (logits == nullptr) return;
   float* xn = ws_.xn.data();

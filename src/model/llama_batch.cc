@@ -137,16 +137,15 @@ void forward_batch(const Model& model, std::span<const BatchSequence> seqs, Batc
       const BatchSequence& s = seqs[i];
       const int64_t len = static_cast<int64_t>(s.tokens.size());
       const int64_t pos0 = s.cache->size();
-      float* kc = s.cache->keys(l);
-      float* vc = s.cache->values(l);
-      std::memcpy(kc + pos0 * kvw, k + row * kvw, static_cast<size_t>(len * kvw) * sizeof(float));
-      std::memcpy(vc + pos0 * kvw, v + row * kvw, static_cast<size_t>(len * kvw) * sizeof(float));
+      s.cache->write(l, pos0, k + row * kvw, v + row * kvw, len, kvw);
       if (seqs.size() > 1 && len <= kFewTokens) {
         few.push_back({i, row});
       } else {
+        const model::KvLayer kv = s.cache->layer(l);
         shape.n_q = len;
         shape.pos0 = pos0;
-        kernels::attention(shape, q + row * qw, qw, kc, vc, kvw, attn + row * qw, qw, pool);
+        shape.kv_dtype = kv.dtype;
+        kernels::attention(shape, q + row * qw, qw, kv.k, kv.v, kvw, attn + row * qw, qw, pool);
       }
       row += len;
     }
@@ -156,8 +155,9 @@ void forward_batch(const Model& model, std::span<const BatchSequence> seqs, Batc
       kernels::AttentionShape one = shape;
       one.n_q = static_cast<int64_t>(s.tokens.size());
       one.pos0 = s.cache->size();
-      kernels::attention(one, q + r * qw, qw, s.cache->keys(l), s.cache->values(l), kvw,
-                         attn + r * qw, qw, serial_pool());
+      const model::KvLayer kv = s.cache->layer(l);
+      one.kv_dtype = kv.dtype;
+      kernels::attention(one, q + r * qw, qw, kv.k, kv.v, kvw, attn + r * qw, qw, serial_pool());
     });
     linear_forward(b.o, attn, qw, n, xn, h, ws.linear, pool);
     add_bias(xn, h, n, b.o.bias);

@@ -42,7 +42,7 @@ class BenchSession {
         pool_(pool),
         probe_(probe),
         opt_(opt),
-        cache_(model.config(), opt.prompt_tokens + opt.decode_tokens),
+        cache_(model.config(), opt.prompt_tokens + opt.decode_tokens, opt.kv_cache),
         logits_(static_cast<size_t>(model.config().vocab_size)) {
     const io::ModelConfig& cfg = model.config();
     SPARSA_CHECK(opt.prompt_tokens >= 1 && opt.decode_tokens >= 1,
@@ -98,7 +98,8 @@ class BenchSession {
     r.bandwidth_gb_per_s = bw / 1e9;
     // Step i (0-based) attends over prompt_tokens + i + 1 positions of keys and values per layer.
     const double kv_row_bytes = 2.0 * static_cast<double>(cfg.num_layers * cfg.num_kv_heads *
-                                                          cfg.head_dim) * sizeof(float);
+                                                          cfg.head_dim) *
+                                dtype_size(opt_.kv_cache);
     const double mean_positions = static_cast<double>(opt_.prompt_tokens) +
                                   0.5 * static_cast<double>(r.decode_tokens + 1);
     r.kv_bytes_per_token = static_cast<size_t>(kv_row_bytes * mean_positions);

@@ -17,7 +17,7 @@ Engine::Engine(std::unique_ptr<model::Model> model, const EngineOptions& options
   context_ = options.context == 0 ? model_ctx : std::min(options.context, model_ctx);
   slots_.reserve(static_cast<size_t>(options.max_sequences));
   for (int i = 0; i < options.max_sequences; ++i)
-    slots_.push_back(std::make_unique<model::KvCache>(model_->config(), context_));
+    slots_.push_back(std::make_unique<model::KvCache>(model_->config(), context_, options.kv_cache));
   in_use_.assign(slots_.size(), false);
   // Handed out lowest first (free_ is used as a stack).
   for (int i = options.max_sequences - 1; i >= 0; --i) free_.push_back(i);

@@ -59,7 +59,8 @@ GenerateResult generate_ids(model::Model& model, const Tokenizer& tokenizer,
   r.finish_reason = "length";
   const int64_t budget =
       std::min<int64_t>(options.max_tokens, ctx - static_cast<int64_t>(prompt_ids.size()));
-  model::KvCache cache(cfg, static_cast<int64_t>(prompt_ids.size()) + std::max<int64_t>(budget, 1));
+  model::KvCache cache(cfg, static_cast<int64_t>(prompt_ids.size()) + std::max<int64_t>(budget, 1),
+                       options.kv_cache);
   Sampler sampler(options.sampling);
   StreamDecoder stream(tokenizer);
   StopStringFilter filter(options.stop);

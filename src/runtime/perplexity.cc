@@ -22,7 +22,7 @@ std::vector<int32_t> tokenize_corpus(const Tokenizer& tokenizer,
 
 PerplexityResult perplexity(model::Model& model, const std::vector<int32_t>& tokens, int64_t ctx,
                             ThreadPool& pool, const PerplexityProgress& progress,
-                            int64_t max_windows) {
+                            int64_t max_windows, DType kv_cache) {
   const io::ModelConfig& cfg = model.config();
   SPARSA_CHECK(ctx >= 2, "the evaluation window must hold at least 2 tokens, got {}", ctx);
   SPARSA_CHECK(ctx <= cfg.max_context(), "the evaluation window ({}) exceeds the model's context ({})",
@@ -33,7 +33,7 @@ PerplexityResult perplexity(model::Model& model, const std::vector<int32_t>& tok
   if (max_windows > 0) windows = std::min(windows, max_windows);
   const int64_t vocab = cfg.vocab_size;
   std::vector<float> logits(static_cast<size_t>(ctx * vocab));
-  model::KvCache cache(cfg, ctx);
+  model::KvCache cache(cfg, ctx, kv_cache);
   const auto start = std::chrono::steady_clock::now();
   double nll_sum = 0;
   int64_t scored = 0;

@@ -36,6 +36,17 @@ const char* const kNoMmapHelp =
     "read the weights into huge-page memory instead of mapping the files (uses the files' size "
     "in RAM; faster streaming of float weights)";
 
+// --kv-cache's help and its parser, on generate, eval, bench and serve.
+extern const char* const kKvCacheHelp;
+const char* const kKvCacheHelp =
+    "element type of the KV cache: f32 (exact) or bf16 (half the memory and half of attention's "
+    "reads; keys and values rounded to bf16)";
+sparsa::DType parse_kv_cache(const std::string& name) {
+  if (name == "f32") return sparsa::DType::F32;
+  if (name == "bf16") return sparsa::DType::BF16;
+  throw sparsa::Error("--kv-cache: expected f32 or bf16, got '" + name + "'");
+}
+
 namespace {
 
 using nlohmann::json;
@@ -66,6 +77,8 @@ struct GenerateArgs {
 
 // --no-mmap on generate, eval and bench: read the weight files into huge-page-backed memory.
 bool g_no_mmap = false;
+// --kv-cache on generate, eval and bench.
+std::string g_kv_cache = "f32";
 
 sparsa::model::LoadOptions load_options() {
   sparsa::model::LoadOptions o;
@@ -88,6 +101,7 @@ int cmd_generate(const GenerateArgs& a) {
   opt.stop = a.stop;
   opt.stop_at_eos = !a.ignore_eos;
   opt.add_special_tokens = !a.no_bos;
+  opt.kv_cache = parse_kv_cache(g_kv_cache);
   const auto r = sparsa::generate(*model, tok, a.prompt, opt, pool, [&](std::string_view piece) {
     if (!a.json) {
       std::fwrite(piece.data(), 1, piece.size(), stdout);
@@ -134,7 +148,7 @@ int cmd_eval(const std::string& model_dir, const std::string& data, int64_t ctx,
                                     [&](int64_t, int64_t, double ppl) {
                                       bar.advance(1, fmt::format("ppl {:.4f}", ppl));
                                     },
-                                    max_windows);
+                                    max_windows, parse_kv_cache(g_kv_cache));
   bar.finish();
   if (as_json) {
     std::cout << json{{"ppl", r.ppl},
@@ -287,6 +301,7 @@ json bench_result_json(const sparsa::BenchResult& r) {
           {"prefill_gflop_per_s", r.prefill_gflop_per_s},
           {"decode_tokens_per_s", r.decode_tokens_per_s},
           {"weight_bytes_per_token", r.weight_bytes_per_token},
+          {"kv_cache", g_kv_cache},
           {"kv_bytes_per_token", r.kv_bytes_per_token},
           {"bandwidth_gb_per_s", r.bandwidth_gb_per_s},
           {"bandwidth_best_gb_per_s", r.bandwidth_best_gb_per_s},
@@ -437,6 +452,9 @@ int main(int argc, char** argv) {
   gen->add_flag("--no-bos", g.no_bos, "do not add the tokenizer's special tokens");
   gen->add_flag("--json", g.json, "print one JSON object instead of streaming");
   gen->add_flag("--no-mmap", g_no_mmap, kNoMmapHelp);
+  gen->add_option("--kv-cache", g_kv_cache, kKvCacheHelp)
+      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->capture_default_str();
 
   std::string eval_model, eval_data;
   int64_t ctx = 512, max_windows = 0;
@@ -450,6 +468,9 @@ int main(int argc, char** argv) {
   ev->add_option("-t,--threads", eval_threads, "threads (default: all cores)");
   ev->add_flag("--json", eval_json, "print one JSON object");
   ev->add_flag("--no-mmap", g_no_mmap, kNoMmapHelp);
+  ev->add_option("--kv-cache", g_kv_cache, kKvCacheHelp)
+      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->capture_default_str();
 
   std::string insp_model;
   bool insp_json = false;
@@ -485,6 +506,9 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   bench->add_flag("--json", bench_json, "print one JSON object");
   bench->add_flag("--no-mmap", g_no_mmap, kNoMmapHelp);
+  bench->add_option("--kv-cache", g_kv_cache, kKvCacheHelp)
+      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->capture_default_str();
 
   InitArgs ia;
   auto* init = app.add_subcommand("init-random", "write a random-weight checkpoint of a known shape");
@@ -529,6 +553,7 @@ int main(int argc, char** argv) {
     if (*ev) return cmd_eval(eval_model, eval_data, ctx, eval_threads, max_windows, eval_json);
     if (*insp) return cmd_inspect(insp_model, insp_json);
     bopt.bandwidth_bytes = bw_mb << 20;
+    bopt.kv_cache = parse_kv_cache(g_kv_cache);
     if (*bench && !bench_shape.empty()) {
       SPARSA_CHECK(bench_model.empty(), "bench: give a model directory or --shape, not both");
       if (bench->count("--prompt-tokens") == 0) bopt.prompt_tokens = 512;

@@ -16,6 +16,8 @@
 #include "sparsa/server/server.h"
 
 extern const char* const kNoMmapHelp;  // tools/sparsa/main.cc
+extern const char* const kKvCacheHelp;  // tools/sparsa/main.cc
+sparsa::DType parse_kv_cache(const std::string& name);  // tools/sparsa/main.cc
 
 namespace {
 
@@ -28,6 +30,7 @@ struct ServeArgs {
   int threads = 0;
   int64_t prefill_tokens = 256;
   bool no_mmap = false;
+  std::string kv_cache = "f32";
 };
 
 int run_serve(const ServeArgs& a, const std::string& isa) {
@@ -45,6 +48,7 @@ int run_serve(const ServeArgs& a, const std::string& isa) {
   opt.engine.max_sequences = a.max_seqs;
   opt.engine.context = a.ctx;
   opt.engine.threads = a.threads;
+  opt.engine.kv_cache = parse_kv_cache(a.kv_cache);
   opt.scheduler.max_queue = a.queue;
   opt.scheduler.prefill_tokens = a.prefill_tokens;
   auto pipeline = sparsa::pipeline::Pipeline::load(a.model, opt);
@@ -86,6 +90,9 @@ void add_serve_command(CLI::App& app) {
   cmd->add_option("--ctx", args->ctx, "tokens per sequence (default: the model's context)");
   cmd->add_option("-t,--threads", args->threads, "threads running the model (default: all cores)");
   cmd->add_flag("--no-mmap", args->no_mmap, kNoMmapHelp);
+  cmd->add_option("--kv-cache", args->kv_cache, kKvCacheHelp)
+      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->capture_default_str();
   cmd->add_option("--model-name", args->server.model_name,
                   "model id clients must send (default: the model directory as given)");
   cmd->add_option("--max-n", args->server.max_n, "choices per request at most")->capture_default_str();

@@ -48,7 +48,8 @@ void linear_many(const LinearOutput* outs, int count, const float* x, int64_t ld
 /// Causal grouped-query attention for `n_q` new queries at positions pos0 .. pos0 + n_q - 1,
 /// attending to cache rows 0 .. pos (inclusive) of their own position.
 ///   q:   [n_q, n_heads * head_dim], row stride ldq
-///   k,v: [>= pos0 + n_q, n_kv_heads * head_dim], row stride ldkv (the KV cache, f32)
+///   k,v: [>= pos0 + n_q, n_kv_heads * head_dim], row stride ldkv in elements (the KV cache),
+///        of kv_dtype: F32, or BF16 (widened to f32 as read; the arithmetic is f32 either way)
 ///   out: [n_q, n_heads * head_dim], row stride ldo
 /// Query head h reads kv head h / (n_heads / n_kv_heads). scores = q·k * scale, softmax in f32.
 struct AttentionShape {
@@ -58,11 +59,12 @@ struct AttentionShape {
   int n_kv_heads = 0;
   int head_dim = 0;
   float scale = 1.0f;
+  DType kv_dtype = DType::F32;
 };
-void attention(const AttentionShape& s, const float* q, int64_t ldq, const float* k,
-               const float* v, int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool);
-void attention_isa(Isa isa, const AttentionShape& s, const float* q, int64_t ldq, const float* k,
-                   const float* v, int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool);
+void attention(const AttentionShape& s, const float* q, int64_t ldq, const void* k, const void* v,
+               int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool);
+void attention_isa(Isa isa, const AttentionShape& s, const float* q, int64_t ldq, const void* k,
+                   const void* v, int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool);
 
 /// gate[i] = silu(gate[i]) · up[i] for i < n, silu(g) = g / (1 + exp(-g)): Llama's SwiGLU.
 /// The vector paths compute exp with a polynomial of about 1 ulp; the generic one calls std::exp.
@@ -103,6 +105,6 @@ namespace sparsa::kernels::reference {
 /// Scalar oracles: plain loops, double accumulation.
 void linear(const DenseWeight& w, const float* x, int64_t ldx, int64_t n_tokens, float* y,
             int64_t ldy);
-void attention(const AttentionShape& s, const float* q, int64_t ldq, const float* k,
-               const float* v, int64_t ldkv, float* out, int64_t ldo);
+void attention(const AttentionShape& s, const float* q, int64_t ldq, const void* k, const void* v,
+               int64_t ldkv, float* out, int64_t ldo);
 }  // namespace sparsa::kernels::reference

@@ -33,10 +33,26 @@
 
 namespace sparsa::model {
 
-/// Keys and values of every layer for one sequence, f32, [max_tokens, n_kv_heads * head_dim].
+/// One layer of a KV cache as block_forward writes it and attention reads it: rows of
+/// n_kv_heads * head_dim elements of `dtype` (F32 or BF16).
+struct KvLayer {
+  void* k = nullptr;
+  void* v = nullptr;
+  DType dtype = DType::F32;
+};
+
+/// Keys and values of every layer for one sequence, [max_tokens, n_kv_heads * head_dim] per
+/// layer, stored as F32 (the default: exact) or BF16 (half the memory and half attention's
+/// reads; keys and values are rounded to nearest even as they are written, as llama.cpp's f16
+/// and vLLM's bf16 caches round them; attention's arithmetic stays f32).
 class KvCache {
  public:
-  KvCache(const io::ModelConfig& config, int64_t max_tokens);
+  KvCache(const io::ModelConfig& config, int64_t max_tokens, DType dtype = DType::F32);
+
+  DType dtype() const { return dtype_; }
+  KvLayer layer(int64_t layer);
+  /// Rows pos .. pos + n - 1 of a layer's keys and values from f32 rows (row stride ld).
+  void write(int64_t layer, int64_t pos, const float* k, const float* v, int64_t n, int64_t ld);
 
   int64_t size() const { return size_; }
   int64_t capacity() const { return capacity_; }
@@ -44,8 +60,9 @@ class KvCache {
   /// Forgets everything after the first `n` tokens.
   void truncate(int64_t n);
 
-  float* keys(int64_t layer) { return k_[static_cast<size_t>(layer)].data(); }
-  float* values(int64_t layer) { return v_[static_cast<size_t>(layer)].data(); }
+  /// An F32 cache's rows (an error for BF16).
+  float* keys(int64_t layer);
+  float* values(int64_t layer);
   int64_t row_stride() const { return row_; }
   void advance(int64_t n) { size_ += n; }
 
@@ -53,7 +70,9 @@ class KvCache {
   int64_t capacity_ = 0;
   int64_t size_ = 0;
   int64_t row_ = 0;
-  std::vector<AlignedVector<float>> k_, v_;
+  DType dtype_ = DType::F32;
+  std::vector<AlignedVector<float>> k_, v_;       // F32
+  std::vector<AlignedVector<uint16_t>> kh_, vh_;  // BF16
 };
 
 /// How Model::load runs the linear layers.
@@ -139,18 +158,26 @@ using LinearInputHook =
 struct BlockWorkspace {
   int64_t tokens = 0;
   AlignedVector<float> xn, q, attn, gate, up, cos, sin;
+  AlignedVector<float> k, v;  // the new rows before they are rounded into a BF16 cache
   LinearScratch linear;
   void reserve(const io::ModelConfig& config, int64_t n_tokens);
 };
 
 /// One decoder block over `n` tokens at positions pos0 .. pos0 + n - 1: x [n, hidden] is updated
 /// in place (both residual branches); the block's keys and values are written to rows pos0 ..
-/// of k_cache / v_cache ([>= pos0 + n, n_kv_heads * head_dim]), which must already hold rows
+/// of the cache layer ([>= pos0 + n, n_kv_heads * head_dim]), which must already hold rows
 /// 0 .. pos0 - 1. `hook` (may be empty) sees every linear layer's input.
 void block_forward(const io::ModelConfig& config, const Block& block, int64_t layer,
                    const std::vector<float>& rope_inv_freq, float* x, int64_t n, int64_t pos0,
-                   float* k_cache, float* v_cache, BlockWorkspace& ws, const LinearInputHook& hook,
-                   ThreadPool& pool);
+                   KvLayer kv, BlockWorkspace& ws, const LinearInputHook& hook, ThreadPool& pool);
+/// The same over an f32 cache.
+inline void block_forward(const io::ModelConfig& config, const Block& block, int64_t layer,
+                          const std::vector<float>& rope_inv_freq, float* x, int64_t n,
+                          int64_t pos0, float* k_cache, float* v_cache, BlockWorkspace& ws,
+                          const LinearInputHook& hook, ThreadPool& pool) {
+  block_forward(config, block, layer, rope_inv_freq, x, n, pos0,
+                KvLayer{k_cache, v_cache, DType::F32}, ws, hook, pool);
+}
 
 /// The rotary angles of one position: cos[i], sin[i] of position · inv_freq[i] for i < half
 /// (the product in f32, as HF computes it).
