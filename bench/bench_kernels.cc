@@ -114,6 +114,9 @@ void BM_Prefill(benchmark::State& state) {
 }
 
 // Args: n_heads, n_kv_heads, head_dim, n_q, pos0.
+// Arguments: heads, kv heads, head_dim, queries, cached positions, cache element bits (32: f32,
+// 16: bf16), and how many caches the iterations cycle through (one per layer of a model: with
+// 22, a TinyLlama decode step's worth, the caches come from DRAM as in a real step).
 void BM_Attention(benchmark::State& state) {
   AttentionShape s;
   s.n_heads = static_cast<int>(state.range(0));
@@ -121,16 +124,39 @@ void BM_Attention(benchmark::State& state) {
   s.head_dim = static_cast<int>(state.range(2));
   s.n_q = state.range(3);
   s.pos0 = state.range(4);
+  s.kv_dtype = state.range(5) == 16 ? DType::BF16 : DType::F32;
+  const int64_t copies = state.range(6);
   s.scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
   const int64_t qw = int64_t{s.n_heads} * s.head_dim, kvw = int64_t{s.n_kv_heads} * s.head_dim;
   const int64_t n_keys = s.pos0 + s.n_q;
+  const size_t elems = static_cast<size_t>(n_keys * kvw);
   const auto q = random_floats(static_cast<size_t>(s.n_q * qw), 1);
-  const auto k = random_floats(static_cast<size_t>(n_keys * kvw), 2);
-  const auto v = random_floats(static_cast<size_t>(n_keys * kvw), 3);
+  std::vector<AlignedVector<float>> k32, v32;
+  std::vector<AlignedVector<uint16_t>> k16, v16;
+  for (int64_t c = 0; c < copies; ++c) {
+    auto k = random_floats(elems, static_cast<uint32_t>(2 + 2 * c));
+    auto v = random_floats(elems, static_cast<uint32_t>(3 + 2 * c));
+    if (s.kv_dtype == DType::BF16) {
+      k16.emplace_back(elems);
+      v16.emplace_back(elems);
+      for (size_t i = 0; i < elems; ++i) {
+        k16.back()[i] = f32_to_bf16(k[i]);
+        v16.back()[i] = f32_to_bf16(v[i]);
+      }
+    } else {
+      k32.push_back(std::move(k));
+      v32.push_back(std::move(v));
+    }
+  }
   std::vector<float> out(static_cast<size_t>(s.n_q * qw));
+  int64_t c = 0;
   for (auto _ : state) {
-    attention(s, q.data(), qw, k.data(), v.data(), kvw, out.data(), qw, pool());
+    const bool bf16 = s.kv_dtype == DType::BF16;
+    const void* k = bf16 ? static_cast<const void*>(k16[c].data()) : k32[c].data();
+    const void* v = bf16 ? static_cast<const void*>(v16[c].data()) : v32[c].data();
+    attention(s, q.data(), qw, k, v, kvw, out.data(), qw, pool());
     benchmark::DoNotOptimize(out.data());
+    c = c + 1 == copies ? 0 : c + 1;
   }
   // Useful work only: q·k and p·v over each query's causal prefix.
   double pairs = 0.0;
@@ -138,7 +164,8 @@ void BM_Attention(benchmark::State& state) {
   const double it = static_cast<double>(state.iterations());
   state.counters["flops"] =
       benchmark::Counter(4.0 * pairs * static_cast<double>(qw) * it, benchmark::Counter::kIsRate);
-  state.SetBytesProcessed(static_cast<int64_t>(2.0 * n_keys * kvw * sizeof(float) * it));
+  state.SetBytesProcessed(
+      static_cast<int64_t>(2.0 * n_keys * kvw * static_cast<double>(dtype_size(s.kv_dtype)) * it));
 }
 
 void BM_ReadBandwidth(benchmark::State& state) {
@@ -192,11 +219,18 @@ BENCHMARK(BM_Prefill<DType::F32>)
     ->UseRealTime();
 // Decode at the end of a 2048-token context, and a 512-token prefill; TinyLlama and 'small'.
 BENCHMARK(BM_Attention)
-    ->Args({32, 4, 64, 1, 2047})
-    ->Args({8, 4, 64, 1, 511})
-    ->Args({8, 4, 64, 1, 48})
-    ->Args({32, 4, 64, 512, 0})
-    ->Args({8, 4, 64, 512, 0})
+    ->Args({32, 4, 64, 1, 2047, 32, 1})
+    ->Args({32, 4, 64, 1, 2047, 16, 1})
+    ->Args({32, 4, 64, 1, 2047, 32, 22})
+    ->Args({32, 4, 64, 1, 2047, 16, 22})
+    ->Args({32, 4, 64, 1, 639, 32, 22})
+    ->Args({32, 4, 64, 1, 639, 16, 22})
+    ->Args({8, 4, 64, 1, 511, 32, 1})
+    ->Args({8, 4, 64, 1, 48, 32, 1})
+    ->Args({8, 4, 64, 1, 48, 16, 1})
+    ->Args({32, 4, 64, 512, 0, 32, 1})
+    ->Args({32, 4, 64, 512, 0, 16, 1})
+    ->Args({8, 4, 64, 512, 0, 32, 1})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
 
