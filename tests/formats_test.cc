@@ -396,6 +396,39 @@ TEST(PackedDense, BitwiseEqualToTheDenseKernels) {
     }
 }
 
+// The panel copy: the same values (dequantize_to), the padded bytes counted, and the same
+// results as the dense panel kernels on a panel copy made by hand.
+TEST(PackedDense, PanelCopyHoldsTheWeightsAndRunsThePanelKernels) {
+  ThreadPool pool(2);
+  const int64_t rows = 45, cols = 130;  // 45 rows: the third panel has 13 rows and 3 of padding
+  const Matrix w = random_matrix(rows, cols, 4);
+  std::vector<uint16_t> bf(w.data.size());
+  for (size_t i = 0; i < bf.size(); ++i) bf[i] = f32_to_bf16(w.data[i]);
+  const std::vector<float> x = random_floats(static_cast<size_t>(20 * cols), 6);
+  for (DType d : {DType::F32, DType::BF16}) {
+    const void* data = d == DType::F32 ? static_cast<const void*>(w.data.data()) : bf.data();
+    const PackedWeight pw = pack_dense(d, rows, cols, data, true, true);
+    EXPECT_TRUE(pw.view().panels);
+    EXPECT_EQ(pw.bytes(), static_cast<size_t>(48 * cols) * dtype_size(d));
+    std::vector<float> deq(static_cast<size_t>(rows * cols));
+    pw.dequantize_to(deq.data());
+    for (int64_t i = 0; i < rows * cols; ++i)
+      ASSERT_EQ(deq[static_cast<size_t>(i)],
+                d == DType::F32 ? w.data[static_cast<size_t>(i)] : bf16_to_f32(bf[static_cast<size_t>(i)]))
+          << dtype_name(d) << " element " << i;
+    std::vector<uint8_t> by_hand(static_cast<size_t>(kernels::panel_elements(rows, cols)) *
+                                 dtype_size(d));
+    kernels::to_panels(data, rows, cols, dtype_size(d), by_hand.data());
+    for (int64_t n : {1, 5, 8, 20}) {
+      std::vector<float> a(static_cast<size_t>(n * rows)), b(a.size());
+      kernels::linear(pw, x.data(), cols, n, a.data(), rows, pool);
+      kernels::linear(kernels::DenseWeight{d, rows, cols, by_hand.data(), true}, x.data(), cols,
+                      n, b.data(), rows, pool);
+      EXPECT_EQ(a, b) << dtype_name(d) << " n_tokens=" << n;
+    }
+  }
+}
+
 // ---- linear_many --------------------------------------------------------------------------
 
 TEST(PackedLinearMany, EqualsOneLinearCallPerWeight) {
@@ -404,23 +437,24 @@ TEST(PackedLinearMany, EqualsOneLinearCallPerWeight) {
   const Mask keep = make_mask(c, 0.7);
   std::vector<uint16_t> bf(b.data.size());
   for (size_t i = 0; i < bf.size(); ++i) bf[i] = f32_to_bf16(b.data[i]);
-  const PackedWeight ws[3] = {pack_quantized(qa), pack_dense(DType::BF16, 40, 128, bf.data(), false),
-                              pack_sparse(c, keep, {})};
+  const PackedWeight ws[4] = {pack_quantized(qa), pack_dense(DType::BF16, 40, 128, bf.data(), false),
+                              pack_sparse(c, keep, {}),
+                              pack_dense(DType::BF16, 40, 128, bf.data(), true, true)};
   const std::vector<float> x = random_floats(128 * 12, 14);
   for (int threads : {1, 2, 3}) {
     ThreadPool pool(threads);
     for (int64_t n : {1, 3, 8, 12}) {
-      std::vector<float> want[3], got[3];
-      kernels::PackedLinearOutput outs[3];
-      for (int i = 0; i < 3; ++i) {
+      std::vector<float> want[4], got[4];
+      kernels::PackedLinearOutput outs[4];
+      for (int i = 0; i < 4; ++i) {
         const int64_t ld = ws[i].rows() + 5;
         want[i].assign(static_cast<size_t>(ld * n), -7.0f);
         got[i] = want[i];
         kernels::linear(ws[i], x.data(), 128, n, want[i].data(), ld, pool);
         outs[i] = {&ws[i], got[i].data(), ld};
       }
-      kernels::linear_many(outs, 3, x.data(), 128, n, pool);
-      for (int i = 0; i < 3; ++i)
+      kernels::linear_many(outs, 4, x.data(), 128, n, pool);
+      for (int i = 0; i < 4; ++i)
         EXPECT_EQ(got[i], want[i]) << "output " << i << " n_tokens=" << n << " threads=" << threads;
     }
   }

@@ -58,9 +58,33 @@ struct TestWeight {
       f32[i] = d == DType::BF16 ? bf16_to_f32(half[i]) : f16_to_f32(half[i]);
     }
   }
+  std::vector<uint8_t> panel_data;  // the panel layout, once asked for
+
   DenseWeight view() const {
     return {dtype, rows, cols,
             dtype == DType::F32 ? static_cast<const void*>(f32.data()) : half.data()};
+  }
+  // The same weights in the panel layout, built by to_panels() and checked element by element
+  // against the row-major ones through weight_index().
+  DenseWeight panels() {
+    const DenseWeight rm = view();
+    const size_t elem = dtype_size(dtype);
+    panel_data.assign(static_cast<size_t>(panel_elements(rows, cols)) * elem, 0xff);
+    to_panels(rm.data, rows, cols, elem, panel_data.data());
+    DenseWeight pw{dtype, rows, cols, panel_data.data(), true};
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        EXPECT_EQ(std::memcmp(panel_data.data() + weight_index(pw, r, c) * elem,
+                              static_cast<const uint8_t*>(rm.data) + (r * cols + c) * elem, elem),
+                  0)
+            << "panel copy of (" << r << ", " << c << ")";
+    const int64_t padded_rows = panel_elements(rows, cols) / cols;
+    for (int64_t r = rows; r < padded_rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        for (size_t b = 0; b < elem; ++b)
+          EXPECT_EQ(panel_data[static_cast<size_t>(weight_index(pw, r, c)) * elem + b], 0)
+              << "padding row " << r << ", column " << c;
+    return pw;
   }
 };
 
@@ -71,8 +95,10 @@ std::string describe(Isa isa, DType d, int64_t rows, int64_t cols, int64_t n, in
 
 // Runs linear_isa on every runnable ISA and both thread counts, with padded strides, and checks
 // every output against the reference and every pad against being written.
-void check_linear(DType dtype, int64_t rows, int64_t cols, int64_t n, ThreadPool* pools[2]) {
-  const TestWeight w(dtype, rows, cols, static_cast<uint32_t>(rows * 1000 + cols));
+void check_linear(DType dtype, int64_t rows, int64_t cols, int64_t n, ThreadPool* pools[2],
+                  bool panels = false) {
+  TestWeight w(dtype, rows, cols, static_cast<uint32_t>(rows * 1000 + cols));
+  const DenseWeight run = panels ? w.panels() : w.view();
   const int64_t ldx = cols + 3, ldy = rows + 5;
   const std::vector<float> x = random_floats(static_cast<size_t>(n * ldx), 7u + n);
   std::vector<float> ref(static_cast<size_t>(n * ldy));
@@ -89,8 +115,9 @@ void check_linear(DType dtype, int64_t rows, int64_t cols, int64_t n, ThreadPool
   for (Isa isa : runnable_isas())
     for (int p = 0; p < 2; ++p) {
       std::vector<float> y(static_cast<size_t>(n * ldy), sentinel);
-      linear_isa(isa, w.view(), x.data(), ldx, n, y.data(), ldy, *pools[p]);
-      const std::string what = describe(isa, dtype, rows, cols, n, pools[p]->size());
+      linear_isa(isa, run, x.data(), ldx, n, y.data(), ldy, *pools[p]);
+      const std::string what =
+          describe(isa, dtype, rows, cols, n, pools[p]->size()) + (panels ? " (panels)" : "");
       int failures = 0;
       for (int64_t t = 0; t < n && failures < 5; ++t) {
         for (int64_t r = 0; r < rows; ++r) {
@@ -133,6 +160,23 @@ TEST_P(LinearTest, MatchesReferenceOnBlockedShapes) {
   check_linear(GetParam(), 9, 5000, 3, pools_);
 }
 
+// The panel layout: row tails inside the last panel, every token count of the decode tiles
+// (1 .. 16) and the GEMM above them.
+TEST_P(LinearTest, PanelLayoutMatchesReferenceOnOddShapes) {
+  for (int64_t rows : {1, 7, 16, 33, 100})
+    for (int64_t cols : {1, 15, 100, 513})
+      for (int64_t n : {1, 2, 3, 4, 5, 6, 7, 8, 9, 13, 16, 17, 64})
+        check_linear(GetParam(), rows, cols, n, pools_, true);
+}
+
+TEST_P(LinearTest, PanelLayoutMatchesReferenceOnBlockedShapes) {
+  check_linear(GetParam(), 520, 600, 50, pools_, true);
+  check_linear(GetParam(), 300, 257, 5, pools_, true);
+  check_linear(GetParam(), 1000, 64, 1, pools_, true);
+  check_linear(GetParam(), 1000, 64, 8, pools_, true);
+  check_linear(GetParam(), 19, 4103, 1, pools_, true);
+}
+
 INSTANTIATE_TEST_SUITE_P(Kernel, LinearTest, ::testing::Values(DType::F32, DType::F16, DType::BF16),
                          [](const auto& info) { return std::string(dtype_name(info.param)); });
 
@@ -154,22 +198,23 @@ TEST(LinearDispatch, ActiveIsaEntryPointMatchesExplicitOne) {
 TEST(LinearMany, EqualsOneLinearCallPerWeight) {
   for (int threads : {1, 2, 3}) {
     ThreadPool pool(threads);
-    const TestWeight a(DType::BF16, 517, 96, 11), b(DType::F32, 40, 96, 12),
-        c(DType::F16, 1030, 96, 13);
+    TestWeight a(DType::BF16, 517, 96, 11), b(DType::F32, 40, 96, 12), c(DType::F16, 1030, 96, 13),
+        d(DType::BF16, 200, 96, 15);
+    const DenseWeight dp = d.panels();  // one output in the panel layout
     const std::vector<float> x = random_floats(96 * 20, 14);
     for (int64_t n : {1, 3, 8, 20}) {
-      const TestWeight* ws[3] = {&a, &b, &c};
-      std::vector<float> want[3], got[3];
-      LinearOutput outs[3];
-      for (int i = 0; i < 3; ++i) {
-        const int64_t ld = ws[i]->rows + 5;
+      const DenseWeight views[4] = {a.view(), b.view(), c.view(), dp};
+      std::vector<float> want[4], got[4];
+      LinearOutput outs[4];
+      for (int i = 0; i < 4; ++i) {
+        const int64_t ld = views[i].rows + 5;
         want[i].assign(static_cast<size_t>(ld * n), -7.0f);
         got[i] = want[i];
-        linear(ws[i]->view(), x.data(), 96, n, want[i].data(), ld, pool);
-        outs[i] = {ws[i]->view(), got[i].data(), ld};
+        linear(views[i], x.data(), 96, n, want[i].data(), ld, pool);
+        outs[i] = {views[i], got[i].data(), ld};
       }
-      linear_many(outs, 3, x.data(), 96, n, pool);
-      for (int i = 0; i < 3; ++i)
+      linear_many(outs, 4, x.data(), 96, n, pool);
+      for (int i = 0; i < 4; ++i)
         EXPECT_EQ(got[i], want[i]) << "output " << i << " n_tokens=" << n << " threads=" << threads;
     }
   }

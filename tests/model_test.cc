@@ -186,7 +186,7 @@ TEST(ModelTiny, WeightsReadIntoMemoryGiveTheSameLogitsAsMapped) {
 // safetensors places tensors back to back after a header of any length, so mapped weights
 // start anywhere. Here tiny's header gets 8 more bytes of padding (spaces, as writers pad it):
 // every tensor then sits 8 bytes off a cache line in the file, yet the dense kernels get
-// cache-line-aligned rows (copied at load) and the logits are the same. KV cache rows are
+// cache-line-aligned weights (the panel copies made at load) and the logits are the same. KV cache rows are
 // aligned too.
 TEST(ModelTiny, WeightsOffCacheLinesInTheFileAreRunAligned) {
   namespace fs = std::filesystem;

@@ -260,15 +260,33 @@ TEST(PackedModel, EnvironmentForcesTheReferencePath) {
             model::LinearPath::kPacked);
 }
 
-// A dense checkpoint is packed without copying: the packed weight is the memory-mapped tensor.
-TEST(PackedModel, DenseWeightsAreNotCopied) {
+// A dense checkpoint's weights run from a copy in the panel layout, which holds exactly the
+// mapped tensor's values (and counts the padded panel's bytes as read per token).
+TEST(PackedModel, DenseWeightsRunFromAPanelCopy) {
   auto m = model::Model::load(testing::tiny_model_dir());
+  std::vector<const model::Linear*> layers;
   for (const model::Block& b : m->blocks())
-    for (const model::Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) {
-      ASSERT_NE(l->packed, nullptr);
-      EXPECT_EQ(l->packed->view().dense, l->weight.data) << l->name;
-      EXPECT_EQ(l->packed->describe(), "bf16");
-    }
+    for (const model::Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down})
+      layers.push_back(l);
+  layers.push_back(&m->lm_head());
+  for (const model::Linear* l : layers) {
+    ASSERT_NE(l->packed, nullptr);
+    const formats::PackedView& v = l->packed->view();
+    EXPECT_TRUE(v.panels) << l->name;
+    EXPECT_NE(v.dense, l->weight.data) << l->name;
+    EXPECT_EQ(l->packed->describe(), "bf16");
+    ASSERT_EQ(l->weight.dtype, DType::BF16);
+    const kernels::DenseWeight pw{v.dtype, v.rows, v.cols, v.dense, true};
+    const auto* mapped = static_cast<const uint16_t*>(l->weight.data);
+    const auto* copy = static_cast<const uint16_t*>(v.dense);
+    int64_t mismatches = 0;
+    for (int64_t r = 0; r < v.rows; ++r)
+      for (int64_t c = 0; c < v.cols; ++c)
+        mismatches += copy[kernels::weight_index(pw, r, c)] != mapped[r * v.cols + c];
+    EXPECT_EQ(mismatches, 0) << l->name;
+    EXPECT_EQ(l->packed->bytes(),
+              static_cast<size_t>(kernels::panel_elements(v.rows, v.cols)) * 2) << l->name;
+  }
 }
 
 // ---- the random-weight formats of `sparsa bench --shape` ---------------------------------------

@@ -272,15 +272,18 @@ void PackedWeight::dequantize_to(float* out) const {
   SPARSA_CHECK(view_.rows > 0, "PackedWeight::dequantize_to: the weight is empty");
   const PackedView& v = view_;
   if (v.codec == Codec::Float && v.positions == Positions::All) {
-    const int64_t n = v.rows * v.cols;
-    for (int64_t i = 0; i < n; ++i) {
-      if (v.dtype == DType::F32) {
-        out[i] = static_cast<const float*>(v.dense)[i];
-      } else {
-        const uint16_t h = static_cast<const uint16_t*>(v.dense)[i];
-        out[i] = v.dtype == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+    const kernels::DenseWeight w{v.dtype, v.rows, v.cols, v.dense, v.panels};
+    for (int64_t r = 0; r < v.rows; ++r)
+      for (int64_t c = 0; c < v.cols; ++c) {
+        const int64_t i = kernels::weight_index(w, r, c);
+        float& o = out[r * v.cols + c];
+        if (v.dtype == DType::F32) {
+          o = static_cast<const float*>(v.dense)[i];
+        } else {
+          const uint16_t h = static_cast<const uint16_t*>(v.dense)[i];
+          o = v.dtype == DType::BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+        }
       }
-    }
   } else if (v.perm == nullptr) {
     kernels::generic::format_kernels(v).dequant(v, 0, v.rows, out);
   } else {
@@ -293,7 +296,8 @@ void PackedWeight::dequantize_to(float* out) const {
   }
 }
 
-PackedWeight pack_dense(DType dtype, int64_t rows, int64_t cols, const void* data, bool copy) {
+PackedWeight pack_dense(DType dtype, int64_t rows, int64_t cols, const void* data, bool copy,
+                        bool panels) {
   SPARSA_CHECK(dtype == DType::F32 || dtype == DType::F16 || dtype == DType::BF16,
                "pack_dense: dtype {} is not supported (expected F32, F16 or BF16)",
                dtype_name(dtype));
@@ -306,6 +310,16 @@ PackedWeight pack_dense(DType dtype, int64_t rows, int64_t cols, const void* dat
   v.rows = rows;
   v.cols = cols;
   v.n_blocks = (cols + kBlockCols - 1) / kBlockCols;
+  if (panels) {
+    const size_t bytes = static_cast<size_t>(kernels::panel_elements(rows, cols)) * dtype_size(dtype);
+    const Packer::Section s = p.reserve(bytes);
+    p.allocate();
+    kernels::to_panels(data, rows, cols, dtype_size(dtype), p.at(s));
+    v.dense = p.at(s);
+    v.panels = true;
+    p.add_bytes(bytes);
+    return std::move(p.w);
+  }
   const size_t bytes = static_cast<size_t>(rows * cols) * dtype_size(dtype);
   v.dense = data;
   if (copy) {

@@ -107,7 +107,7 @@ struct Vec {
 
 // Decode: 4 rows × 2 tokens. GEMM: 6 tokens × 16 outputs (12 accumulators).
 LinearKernels linear_kernels(DType dtype) {
-  return detail::make_linear_kernels<Vec, 8, 4, 2, 6, 2>(dtype);
+  return detail::make_linear_kernels<Vec, 8, 4, 2, 6, 2, 4, 12, 16>(dtype);
 }
 
 // Scores: 6 rows × 16 keys; outputs: 6 rows × 16 head dims.

@@ -126,7 +126,7 @@ struct Vec {
 
 // Decode: 8 rows × 1 token or 4 rows × 4 tokens. GEMM: 6 tokens × 64 outputs (24 accumulators).
 LinearKernels linear_kernels(DType dtype) {
-  return detail::make_linear_kernels<Vec, 8, 4, 4, 6, 4>(dtype);
+  return detail::make_linear_kernels<Vec, 8, 4, 4, 6, 4, 8, 24, 32>(dtype);
 }
 
 // Scores: 12 rows × 32 keys; outputs: 6 rows × 64 head dims.

@@ -96,7 +96,7 @@ struct Vec {
 
 // Decode: 4 rows × 2 tokens. GEMM: 4 tokens × 8 outputs.
 LinearKernels linear_kernels(DType dtype) {
-  return detail::make_linear_kernels<Vec, 4, 4, 2, 4, 2>(dtype);
+  return detail::make_linear_kernels<Vec, 4, 4, 2, 4, 2, 4, 16, 64>(dtype);
 }
 
 void attention(const AttentionShape& s, const float* q, int64_t ldq, const void* k, const void* v,

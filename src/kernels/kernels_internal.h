@@ -143,6 +143,8 @@ using MicroFn = void (*)(int m, int n, int64_t kc, const float* a, const float* 
 struct LinearKernels {
   DecodeFn decode = nullptr;
   PackBFn pack_b = nullptr;
+  DecodeFn decode_panels = nullptr;  // the same for weights in the panel layout
+  PackBFn pack_b_panels = nullptr;
   MicroFn micro = nullptr;
   int mr = 0;  // tokens per micro-tile
   int nr = 0;  // output features per micro-tile

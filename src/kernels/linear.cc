@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <array>
+#include <cstring>
 #include <new>
 
 #include "kernels/kernels_internal.h"
@@ -48,10 +49,18 @@ const LinearKernels* find_kernels(DType dtype, Isa isa) {
   return nullptr;
 }
 
+// Rows are split in multiples of kDecodeRowAlign, so a chunk starts on a panel.
+static_assert(kDecodeRowAlign % kPanelRows == 0);
+
+DecodeFn decode_fn(const LinearKernels& kn, const DenseWeight& w) {
+  return w.panels ? kn.decode_panels : kn.decode;
+}
+
 void decode(const LinearKernels& kn, const DenseWeight& w, const float* x, int64_t ldx,
             int64_t n_tokens, float* y, int64_t ldy, ThreadPool& pool) {
+  const DecodeFn fn = decode_fn(kn, w);
   split_decode_rows(w.rows, w.cols, pool, [&](int64_t r0, int64_t r1) {
-    kn.decode(w, x, ldx, n_tokens, y, ldy, r0, r1);
+    fn(w, x, ldx, n_tokens, y, ldy, r0, r1);
   });
 }
 
@@ -99,11 +108,12 @@ void gemm(const LinearKernels& kn, const DenseWeight& w, const float* x, int64_t
     const int64_t mb0 = task % m_chunks * blocks_per_chunk;
     const int64_t mb1 = std::min(m_blocks, mb0 + blocks_per_chunk);
     float* b_packed = thread_scratch(Scratch::kPackB, static_cast<size_t>(kKc * kNc));
+    const PackBFn pack_b = w.panels ? kn.pack_b_panels : kn.pack_b;
     for (int64_t k0 = 0; k0 < k; k0 += kKc) {
       const int64_t kc = std::min(kKc, k - k0);
       for (int64_t j = 0; j < nn; j += nr)  // [nn / nr][kc][nr]
-        kn.pack_b(w, n0 + j, static_cast<int>(std::min(nr, nn - j)), k0, static_cast<int>(kc),
-                  b_packed + j * kc);
+        pack_b(w, n0 + j, static_cast<int>(std::min(nr, nn - j)), k0, static_cast<int>(kc),
+               b_packed + j * kc);
       for (int64_t mb = mb0; mb < mb1; ++mb) {
         const float* a = a_packed + mb * k * mr + k0 * mr;
         const int rows = static_cast<int>(std::min(mr, m - mb * mr));
@@ -157,6 +167,28 @@ void linear_isa(Isa isa, const DenseWeight& w, const float* x, int64_t ldx, int6
   }
 }
 
+void to_panels(const void* src, int64_t rows, int64_t cols, size_t elem_bytes, void* dst) {
+  SPARSA_CHECK(rows > 0 && cols > 0 && src != nullptr && dst != nullptr,
+               "to_panels: a [{}, {}] weight needs data and a destination", rows, cols);
+  SPARSA_CHECK(elem_bytes == 2 || elem_bytes == 4, "to_panels: {}-byte elements", elem_bytes);
+  const auto* s = static_cast<const uint8_t*>(src);
+  auto* d = static_cast<uint8_t*>(dst);
+  const int64_t panels = (rows + kPanelRows - 1) / kPanelRows;
+  for (int64_t q = 0; q < panels; ++q) {
+    uint8_t* out = d + static_cast<size_t>(q * kPanelRows * cols) * elem_bytes;
+    const int64_t valid = std::min(kPanelRows, rows - q * kPanelRows);
+    std::memset(out, 0, static_cast<size_t>(kPanelRows * cols) * elem_bytes);
+    // Row by row: each source row is read sequentially, the panel (16 · cols elements) stays in
+    // cache while it is filled.
+    for (int64_t i = 0; i < valid; ++i) {
+      const uint8_t* row = s + static_cast<size_t>((q * kPanelRows + i) * cols) * elem_bytes;
+      for (int64_t c = 0; c < cols; ++c)
+        std::memcpy(out + static_cast<size_t>(c * kPanelRows + i) * elem_bytes,
+                    row + static_cast<size_t>(c) * elem_bytes, elem_bytes);
+    }
+  }
+}
+
 void linear(const DenseWeight& w, const float* x, int64_t ldx, int64_t n_tokens, float* y,
             int64_t ldy, ThreadPool& pool) {
   linear_isa(active_isa(), w, x, ldx, n_tokens, y, ldy, pool);
@@ -171,7 +203,7 @@ void linear_many(const LinearOutput* outs, int count, const float* x, int64_t ld
     return;
   }
   // Validate each output as linear() does, by running the checks on an empty call.
-  const LinearKernels* kn[kMaxManyOutputs];
+  DecodeFn kn[kMaxManyOutputs];
   int64_t rows[kMaxManyOutputs];
   for (int i = 0; i < count; ++i) {
     linear_isa(isa, outs[i].weight, x, ldx, 0, outs[i].y, outs[i].ldy, pool);
@@ -179,14 +211,14 @@ void linear_many(const LinearOutput* outs, int count, const float* x, int64_t ld
                  "linear_many: output {} has strides ldx = {}, ldy = {} smaller than its weight "
                  "[{}, {}]",
                  i, ldx, outs[i].ldy, outs[i].weight.rows, outs[i].weight.cols);
-    kn[i] = find_kernels(outs[i].weight.dtype, isa);
+    kn[i] = decode_fn(*find_kernels(outs[i].weight.dtype, isa), outs[i].weight);
     rows[i] = outs[i].weight.rows;
   }
   if (n_tokens == 0) return;
   SPARSA_CHECK(x != nullptr, "linear_many: the input pointer is null");
   split_decode_outputs(rows, count, pool, [&](int i, int64_t r0, int64_t r1) {
     const LinearOutput& o = outs[i];
-    kn[i]->decode(o.weight, x, ldx, n_tokens, o.y, o.ldy, r0, r1);
+    kn[i](o.weight, x, ldx, n_tokens, o.y, o.ldy, r0, r1);
   });
 }
 

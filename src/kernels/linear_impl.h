@@ -166,6 +166,119 @@ void decode_rows(const DenseWeight& w, const float* x, int64_t ldx, int64_t n_to
                                 y + t * ldy + r, ldy);
 }
 
+// The panel layout (DenseWeight::panels): rows in panels of kPanelRows; panel q holds rows
+// 16q .. 16q + 15 as [cols][kPanelRows] (the 16 weights of column k side by side), the last
+// panel padded with zero rows. A tile of T tokens × NP panels keeps T · NP · 16 output sums in
+// registers; each step loads the NP · 16 weights of one column (one stream per panel) and
+// broadcasts one input value per token, so no sum needs a horizontal reduction and the multiply
+// count per load is T (the row-major tile also spends loads on x and a reduction per sum).
+template <class V, DType D, int T, int NP>
+inline void panel_tile(const WeightElem<D>* w, int64_t cols, const float* x, int64_t ldx,
+                       float* y, int64_t ldy, int valid) {
+  using Reg = typename V::Reg;
+  constexpr int L = V::kLanes;
+  constexpr int VP = kPanelRows / L;  // vectors per panel column
+  constexpr int NV = NP * VP;
+  const int64_t stride = cols * kPanelRows;
+  Reg acc[T][NV];
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < NV; ++v) acc[t][v] = V::zero();
+  for (int64_t k = 0; k < cols; ++k) {
+    Reg wv[NV];
+    for (int p = 0; p < NP; ++p)
+      for (int u = 0; u < VP; ++u)
+        wv[p * VP + u] = V::template load_w<D>(w + p * stride + k * kPanelRows + u * L);
+    for (int t = 0; t < T; ++t) {
+      const Reg xb = V::set1(x[t * ldx + k]);
+      for (int v = 0; v < NV; ++v) acc[t][v] = V::fmadd(wv[v], xb, acc[t][v]);
+    }
+  }
+  for (int t = 0; t < T; ++t)
+    for (int v = 0; v < NV; ++v) {
+      const int n = valid - v * L;
+      if (n >= L) {
+        V::store(y + t * ldy + v * L, acc[t][v]);
+      } else if (n > 0) {
+        V::store_partial(y + t * ldy + v * L, acc[t][v], n);
+      }
+    }
+}
+
+// Rows [r0, r1) (r0 a multiple of kPanelRows) for exactly T tokens: NP panels at a time, then
+// one at a time for the rest.
+template <class V, DType D, int T, int NP>
+void panel_rows(const DenseWeight& w, const float* x, int64_t ldx, float* y, int64_t ldy,
+                int64_t r0, int64_t r1) {
+  const auto* base = static_cast<const WeightElem<D>*>(w.data);
+  const int64_t cols = w.cols;
+  int64_t r = r0;
+  for (; r + NP * kPanelRows <= r1; r += NP * kPanelRows)
+    panel_tile<V, D, T, NP>(base + r * cols, cols, x, ldx, y + r, ldy, NP * kPanelRows);
+  for (; r < r1; r += kPanelRows) {
+    const int valid = static_cast<int>(r1 - r < kPanelRows ? r1 - r : kPanelRows);
+    panel_tile<V, D, T, 1>(base + r * cols, cols, x, ldx, y + r, ldy, valid);
+  }
+}
+
+// Vectors of sums per token in a panel tile of T tokens: at most ACC sums in all, the sums, one
+// weight register per vector and the broadcast within REGS registers, and at most 8 (as many
+// concurrent streams as panels).
+constexpr int panel_vectors(int t, int acc, int regs) {
+  const int by_acc = acc / t, by_regs = (regs - 1) / (t + 1);
+  const int nv = by_acc < by_regs ? by_acc : by_regs;
+  return nv < 8 ? nv : 8;
+}
+
+// Decode over panels: tokens in groups of up to TG, each group one pass over the rows.
+template <class V, DType D, int TG, int ACC, int REGS, int T = TG>
+void panel_tokens(int64_t nt, const DenseWeight& w, const float* x, int64_t ldx, float* y,
+                  int64_t ldy, int64_t r0, int64_t r1) {
+  if constexpr (T > 1) {
+    if (nt < T) return panel_tokens<V, D, TG, ACC, REGS, T - 1>(nt, w, x, ldx, y, ldy, r0, r1);
+  }
+  constexpr int VP = kPanelRows / V::kLanes;
+  constexpr int NP = panel_vectors(T, ACC, REGS) / VP > 0 ? panel_vectors(T, ACC, REGS) / VP : 1;
+  panel_rows<V, D, T, NP>(w, x, ldx, y, ldy, r0, r1);
+}
+
+template <class V, DType D, int TG, int ACC, int REGS>
+void decode_panels(const DenseWeight& w, const float* x, int64_t ldx, int64_t n_tokens, float* y,
+                   int64_t ldy, int64_t r0, int64_t r1) {
+  for (int64_t t = 0; t < n_tokens; t += TG)
+    panel_tokens<V, D, TG, ACC, REGS>(n_tokens - t < TG ? n_tokens - t : TG, w, x + t * ldx, ldx,
+                                      y + t * ldy, ldy, r0, r1);
+}
+
+// The GEMM's B micro-panel from the panel layout: dst[k][j] = W[n0 + j, k0 + k] for j < n, zero
+// for n <= j < NR. Whole panels are copied as they lie; micro-panels narrower than a panel
+// (the generic path) element by element.
+template <class V, DType D, int NR>
+void pack_b_panels(const DenseWeight& w, int64_t n0, int n, int64_t k0, int kc, float* dst) {
+  constexpr int L = V::kLanes;
+  const auto* base = static_cast<const WeightElem<D>*>(w.data);
+  const int64_t cols = w.cols;
+  if (NR % kPanelRows != 0 || n0 % kPanelRows != 0) {
+    for (int k = 0; k < kc; ++k)
+      for (int j = 0; j < NR; ++j)
+        dst[k * NR + j] = j < n ? weight_to_f32<D>(base[weight_index(w, n0 + j, k0 + k)]) : 0.0f;
+    return;
+  }
+  static_assert(kPanelRows % L == 0);
+  for (int q = 0; q < NR; q += kPanelRows) {
+    if (q >= n) {
+      for (int k = 0; k < kc; ++k)
+        for (int i = 0; i < kPanelRows; ++i) dst[k * NR + q + i] = 0.0f;
+      continue;
+    }
+    // Rows past n in this panel are the zero padding or rows another call packs; both are
+    // multiplied into columns of C that the micro-kernel does not store.
+    const WeightElem<D>* src = base + (n0 + q) * cols + k0 * kPanelRows;
+    for (int k = 0; k < kc; ++k)
+      for (int u = 0; u < kPanelRows; u += L)
+        V::store(dst + k * NR + q + u, V::template load_w<D>(src + k * kPanelRows + u));
+  }
+}
+
 // dst[k][j] = W[n0 + j, k0 + k] for j < NR: kLanes × kLanes blocks transposed in registers.
 template <class V, DType D, int NR>
 void pack_b(const DenseWeight& w, int64_t n0, int n, int64_t k0, int kc, float* dst) {
@@ -242,7 +355,9 @@ void micro(int m, int n, int64_t kc, const float* a, const float* b, float* c, i
 
 // The table entry of one ISA: decode tiles of DR1 rows × 1 token (long rows) or DR rows × DT
 // tokens, GEMM micro-tiles of MR tokens × NV vectors of output features.
-template <class V, int DR1, int DR, int DT, int MR, int NV>
+// Panel-layout decode: tokens in groups of up to PT, tiles of at most PACC sums, PREGS vector
+// registers.
+template <class V, int DR1, int DR, int DT, int MR, int NV, int PT, int PACC, int PREGS>
 LinearKernels make_linear_kernels(DType dtype) {
   LinearKernels k;
   k.micro = &micro<V, MR, NV>;
@@ -252,14 +367,20 @@ LinearKernels make_linear_kernels(DType dtype) {
     case DType::F32:
       k.decode = &decode_rows<V, DType::F32, DR1, DR, DT>;
       k.pack_b = &pack_b<V, DType::F32, NV * V::kLanes>;
+      k.decode_panels = &decode_panels<V, DType::F32, PT, PACC, PREGS>;
+      k.pack_b_panels = &pack_b_panels<V, DType::F32, NV * V::kLanes>;
       break;
     case DType::F16:
       k.decode = &decode_rows<V, DType::F16, DR1, DR, DT>;
       k.pack_b = &pack_b<V, DType::F16, NV * V::kLanes>;
+      k.decode_panels = &decode_panels<V, DType::F16, PT, PACC, PREGS>;
+      k.pack_b_panels = &pack_b_panels<V, DType::F16, NV * V::kLanes>;
       break;
     case DType::BF16:
       k.decode = &decode_rows<V, DType::BF16, DR1, DR, DT>;
       k.pack_b = &pack_b<V, DType::BF16, NV * V::kLanes>;
+      k.decode_panels = &decode_panels<V, DType::BF16, PT, PACC, PREGS>;
+      k.pack_b_panels = &pack_b_panels<V, DType::BF16, NV * V::kLanes>;
       break;
     default:
       return LinearKernels{};

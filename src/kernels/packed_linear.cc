@@ -23,7 +23,7 @@ using formats::Positions;
 bool is_dense(const PackedView& v) {
   return v.codec == Codec::Float && v.positions == Positions::All;
 }
-DenseWeight dense_of(const PackedView& v) { return {v.dtype, v.rows, v.cols, v.dense}; }
+DenseWeight dense_of(const PackedView& v) { return {v.dtype, v.rows, v.cols, v.dense, v.panels}; }
 
 // The registry: each ISA's format_kernels() maps a format (codec, positions, bits, group shape)
 // to its kernels; AVX-512 without VBMI2 runs the AVX2 ones, with VNNI it has int8-input ones.
@@ -44,13 +44,20 @@ FormatKernels find_format_kernels(const PackedView& v, Isa isa) {
   return generic::format_kernels(v);
 }
 
-DecodeFn dense_decode_fn(DType dtype, Isa isa) {
+DecodeFn dense_decode_fn(const PackedView& v, Isa isa) {
+  LinearKernels k;
   switch (isa) {
-    case Isa::Avx512: return avx512::linear_kernels(dtype).decode;
-    case Isa::Avx2: return avx2::linear_kernels(dtype).decode;
-    case Isa::Generic: break;
+    case Isa::Avx512:
+      k = avx512::linear_kernels(v.dtype);
+      break;
+    case Isa::Avx2:
+      k = avx2::linear_kernels(v.dtype);
+      break;
+    case Isa::Generic:
+      k = generic::linear_kernels(v.dtype);
+      break;
   }
-  return generic::linear_kernels(dtype).decode;
+  return v.panels ? k.decode_panels : k.decode;
 }
 
 // Prefill dequantizes at most this many weights (16 MiB of f32) per GEMM call.
@@ -250,7 +257,7 @@ void linear_many(const PackedLinearOutput* outs, int count, const float* x, int6
   int64_t q8_cols = 0, group_floats = 0;
   for (int i = 0; i < count; ++i) {
     const PackedView& v = outs[i].weight->view();
-    dense[i] = is_dense(v) ? dense_decode_fn(v.dtype, isa) : nullptr;
+    dense[i] = is_dense(v) ? dense_decode_fn(v, isa) : nullptr;
     if (!is_dense(v)) {
       kn[i] = find_format_kernels(v, isa);
       if (input != DecodeInput::Int8 || (q8_cols != 0 && v.cols != q8_cols))

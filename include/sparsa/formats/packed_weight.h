@@ -91,8 +91,10 @@ struct PackedView {
   // [n_row_groups][2][64]: plane 0 holds (Q_j >> 8) + 128, plane 1 holds Q_j & 255.
   const uint8_t* lut_q = nullptr;
   const float* lut_qscale = nullptr;
-  // Codec::Float with Positions::All: the row-major [rows, cols] matrix of `dtype`.
+  // Codec::Float with Positions::All: the [rows, cols] matrix of `dtype`, row-major or (panels)
+  // in the kernels' panel layout (kernels::DenseWeight).
   const void* dense = nullptr;
+  bool panels = false;
   // Act-order (GPTQ desc_act) weights are stored with their columns sorted by group: stored
   // column j is input feature perm[j]; kernels gather x through it. Null: identity.
   const int32_t* perm = nullptr;
@@ -138,9 +140,12 @@ class PackedWeight {
   int nm_n_ = 0, nm_m_ = 0;
 };
 
-/// Dense F32 / F16 / BF16 [rows, cols]. copy = false references `data`, which must outlive the
-/// packed weight (e.g. a memory-mapped checkpoint tensor).
-PackedWeight pack_dense(DType dtype, int64_t rows, int64_t cols, const void* data, bool copy);
+/// Dense F32 / F16 / BF16 [rows, cols] (row-major `data`). copy = false references `data`, which
+/// must outlive the packed weight (e.g. a memory-mapped checkpoint tensor); panels = true
+/// stores a copy in the panel layout (kernels::DenseWeight), which batched decode streams
+/// fastest.
+PackedWeight pack_dense(DType dtype, int64_t rows, int64_t cols, const void* data, bool copy,
+                        bool panels = false);
 
 /// The position coding of a masked weight.
 enum class SparseEncoding { Auto, All, Bitmask };

@@ -16,13 +16,33 @@
 
 namespace sparsa::kernels {
 
-/// A dense row-major weight matrix [rows, cols] of F32, F16 or BF16, not owned.
+/// Rows per panel of the panel layout.
+inline constexpr int64_t kPanelRows = 16;
+
+/// A dense weight matrix [rows, cols] of F32, F16 or BF16, not owned: row-major, or with
+/// `panels` in the panel layout that the multi-token decode streams fastest: rows in panels of
+/// kPanelRows, panel q = rows [16q, 16q + 16) stored as [cols][16] (column k's 16 weights side by
+/// side), the last panel padded with zero rows (panel_elements() in all).
 struct DenseWeight {
   DType dtype = DType::F32;
   int64_t rows = 0;
   int64_t cols = 0;
   const void* data = nullptr;
+  bool panels = false;
 };
+
+/// Elements a [rows, cols] weight takes in the panel layout.
+inline int64_t panel_elements(int64_t rows, int64_t cols) {
+  return (rows + kPanelRows - 1) / kPanelRows * kPanelRows * cols;
+}
+/// Copies a row-major [rows, cols] matrix of `elem_bytes`-byte elements into the panel layout
+/// (dst: panel_elements(rows, cols) elements; the padding rows are zero).
+void to_panels(const void* src, int64_t rows, int64_t cols, size_t elem_bytes, void* dst);
+/// Element (r, c) of a weight in either layout, as an index into its data.
+inline int64_t weight_index(const DenseWeight& w, int64_t r, int64_t c) {
+  if (!w.panels) return r * w.cols + c;
+  return (r / kPanelRows) * kPanelRows * w.cols + c * kPanelRows + r % kPanelRows;
+}
 
 /// y[t * ldy + r] = sum_k x[t * ldx + k] * W[r, k]  for t < n_tokens, r < rows.
 /// Accumulates in f32. Decode (few tokens) streams W once; prefill uses a blocked GEMM.

@@ -9,7 +9,7 @@
 //   model->forward({next_id}, cache, logits.data(), false, pool);            // one decode step
 //
 // Every linear layer runs through kernels::linear on a formats::PackedWeight: float weights are
-// referenced in the memory-mapped checkpoint as they are (no copy), compressed ones
+// copied once into the kernels' panel layout (kernels::DenseWeight), compressed ones
 // (pack-quantized, int-quantized, sparse-bitmask, sparse-24-bitmask, palettized, low-rank) are
 // converted once at load into the layout their kernel streams. The reference path
 // (LinearPath::kReference, or SPARSA_REFERENCE_LINEAR=1) decodes them to f32 instead.
