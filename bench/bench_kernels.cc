@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <random>
 #include <string>
@@ -53,36 +54,44 @@ AlignedVector<float> random_floats(size_t n, uint32_t seed) {
   return v;
 }
 
-// `copies` weight matrices [rows, cols] of one dtype in one buffer.
+// `copies` weight matrices [rows, cols] of one dtype in one buffer, row-major or (panels) in the
+// panel layout the engine runs dense weights in.
 struct Weights {
   HugePageBuffer bytes;
   std::vector<DenseWeight> mats;
 
-  Weights(DType dtype, int64_t rows, int64_t cols, size_t copies) {
+  Weights(DType dtype, int64_t rows, int64_t cols, size_t copies, bool panels = false) {
     const size_t n = static_cast<size_t>(rows * cols), es = dtype_size(dtype);
-    bytes = allocate_huge_pages(n * es * copies);
+    const size_t stored = panels ? static_cast<size_t>(panel_elements(rows, cols)) : n;
+    bytes = allocate_huge_pages(stored * es * copies);
     const AlignedVector<float> src = random_floats(n, 1);
-    for (size_t c = 0; c < copies; ++c) {
-      uint8_t* base = bytes.get() + c * n * es;
-      for (size_t i = 0; i < n; ++i) {
-        if (dtype == DType::F32) {
-          reinterpret_cast<float*>(base)[i] = src[i];
-        } else {
-          reinterpret_cast<uint16_t*>(base)[i] =
-              dtype == DType::BF16 ? f32_to_bf16(src[i]) : f32_to_f16(src[i]);
-        }
+    std::vector<uint8_t> row_major(n * es);
+    for (size_t i = 0; i < n; ++i) {
+      if (dtype == DType::F32) {
+        reinterpret_cast<float*>(row_major.data())[i] = src[i];
+      } else {
+        reinterpret_cast<uint16_t*>(row_major.data())[i] =
+            dtype == DType::BF16 ? f32_to_bf16(src[i]) : f32_to_f16(src[i]);
       }
-      mats.push_back({dtype, rows, cols, base});
+    }
+    for (size_t c = 0; c < copies; ++c) {
+      uint8_t* base = bytes.get() + c * stored * es;
+      if (panels) {
+        to_panels(row_major.data(), rows, cols, es, base);
+      } else {
+        std::memcpy(base, row_major.data(), n * es);
+      }
+      mats.push_back({dtype, rows, cols, base, panels});
     }
   }
 };
 
-template <DType D>
+template <DType D, bool Panels = false>
 void BM_Decode(benchmark::State& state) {
   const int64_t rows = state.range(0), cols = state.range(1), n = state.range(2);
   const size_t mat_bytes = static_cast<size_t>(rows * cols) * dtype_size(D);
   const size_t copies = std::max<size_t>(1, (kStreamBytes + mat_bytes - 1) / mat_bytes);
-  const Weights w(D, rows, cols, copies);
+  const Weights w(D, rows, cols, copies, Panels);
   const AlignedVector<float> x = random_floats(static_cast<size_t>(n * cols), 2);
   AlignedVector<float> y(static_cast<size_t>(n * rows));
   const double bw = read_bandwidth();
@@ -99,10 +108,10 @@ void BM_Decode(benchmark::State& state) {
       2.0 * static_cast<double>(state.iterations() * rows * cols * n), benchmark::Counter::kIsRate);
 }
 
-template <DType D>
+template <DType D, bool Panels = false>
 void BM_Prefill(benchmark::State& state) {
   const int64_t rows = state.range(0), cols = state.range(1), n = state.range(2);
-  const Weights w(D, rows, cols, 1);
+  const Weights w(D, rows, cols, 1, Panels);
   const AlignedVector<float> x = random_floats(static_cast<size_t>(n * cols), 2);
   AlignedVector<float> y(static_cast<size_t>(n * rows));
   for (auto _ : state) {
@@ -208,6 +217,19 @@ BENCHMARK(BM_Decode<DType::BF16>)
     ->Args({1024, 512, 32})
     ->UseRealTime();
 BENCHMARK(BM_Prefill<DType::BF16>)->SMALL_SHAPES(512)->Unit(benchmark::kMillisecond)->UseRealTime();
+// The same in the panel layout (what Model::load runs dense weights in).
+BENCHMARK(BM_Decode<DType::BF16, true>)->TINYLLAMA_SHAPES(1)->UseRealTime();
+BENCHMARK(BM_Decode<DType::BF16, true>)->SMALL_SHAPES(8)->UseRealTime();
+BENCHMARK(BM_Decode<DType::BF16, true>)->Args({1024, 512, 16})->UseRealTime();
+BENCHMARK(BM_Prefill<DType::BF16, true>)->SMALL_SHAPES(8)->UseRealTime();
+BENCHMARK(BM_Prefill<DType::BF16, true>)
+    ->SMALL_SHAPES(512)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
+BENCHMARK(BM_Prefill<DType::BF16, true>)
+    ->TINYLLAMA_SHAPES(512)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime();
 BENCHMARK(BM_Prefill<DType::BF16>)
     ->TINYLLAMA_SHAPES(512)
     ->Args({2048, 2048, 64})

@@ -200,13 +200,14 @@ std::shared_ptr<const formats::PackedWeight> share(formats::PackedWeight w) {
   return std::make_shared<const formats::PackedWeight>(std::move(w));
 }
 
+// Float weights in the panel layout, as Model::load runs a checkpoint's.
 formats::PackedWeight pack_float(const compress::Matrix& w, DType dtype) {
   if (dtype == DType::F32)
-    return formats::pack_dense(DType::F32, w.rows, w.cols, w.data.data(), true);
+    return formats::pack_dense(DType::F32, w.rows, w.cols, w.data.data(), true, true);
   std::vector<uint16_t> h(w.data.size());
   for (size_t i = 0; i < h.size(); ++i)
     h[i] = dtype == DType::BF16 ? f32_to_bf16(w.data[i]) : f32_to_f16(w.data[i]);
-  return formats::pack_dense(dtype, w.rows, w.cols, h.data(), true);
+  return formats::pack_dense(dtype, w.rows, w.cols, h.data(), true, true);
 }
 
 // One random [rows, cols] weight in format f: pruned by magnitude, then quantized (RTN) or
