@@ -12,7 +12,10 @@
 #include <numeric>
 #include <type_traits>
 
+#include <sys/mman.h>
+
 #include "kernels/kernels_internal.h"
+#include "sparsa/core/huge_pages.h"
 #include "sparsa/compress/prune.h"
 #include "sparsa/core/error.h"
 
@@ -181,7 +184,16 @@ struct Packer {
     const size_t size = total + 64;
     w.storage_.reset(static_cast<uint8_t*>(::operator new[](size, std::align_val_t{64})));
     w.storage_size_ = size;
+    advise_huge_pages(w.storage_.get(), size);
     std::memset(w.storage_.get(), 0, size);
+  }
+  // Decode streams the storage front to back: the whole 2 MiB pages inside it are advised for
+  // transparent huge pages (before they are first touched), so its reads cross few TLB entries.
+  static void advise_huge_pages(uint8_t* p, size_t size) {
+    const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHugePageBytes - 1) / kHugePageBytes *
+                            kHugePageBytes;
+    const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + size) / kHugePageBytes * kHugePageBytes;
+    if (end > begin) ::madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
   }
   uint8_t* at(Section s) { return w.storage_.get() + s.offset; }
 

@@ -33,8 +33,8 @@ void add_finetune_command(CLI::App& app);  // tools/sparsa/finetune.cc
 // --no-mmap's help, on generate, eval, bench and serve (tools/sparsa/serve.cc).
 extern const char* const kNoMmapHelp;
 const char* const kNoMmapHelp =
-    "read the weights into huge-page memory instead of mapping the files (uses the files' size "
-    "in RAM; faster streaming of float weights)";
+    "read the weight files into huge-page memory instead of mapping them (adds the files' size "
+    "in RAM: the weights run from copies converted at load either way)";
 
 // --kv-cache's help and its parser, on generate, eval, bench and serve.
 extern const char* const kKvCacheHelp;
