@@ -73,7 +73,9 @@ void check_logits(const std::string& name, DType kv = DType::F32, double tol = 1
   std::printf("%s (%s KV cache): max |logit - reference| over %zu prompts: %.3g\n", name.c_str(),
               std::string(dtype_name(kv)).c_str(), ref.meta["prompts"].size(), worst);
   // The rounding is really there (an f32 cache would stay within 1e-4).
-  if (kv == DType::BF16) EXPECT_GT(worst, 1e-3) << name;
+  if (kv == DType::BF16) {
+    EXPECT_GT(worst, 1e-3) << name;
+  }
 }
 
 void check_greedy(const std::string& name, DType kv = DType::F32) {
