@@ -179,13 +179,16 @@ struct Packer {
     total += (size + 63) / 64 * 64;
     return s;
   }
-  void allocate() {
+  // zero = false: the caller writes every byte it reserved itself; only the last reserved line
+  // (which may end in rounding bytes nobody writes) and the spare line are zeroed here.
+  void allocate(bool zero = true) {
     // Kernels may read a full 64-byte vector at the last block: one spare line at the end.
     const size_t size = total + 64;
     w.storage_.reset(static_cast<uint8_t*>(::operator new[](size, std::align_val_t{64})));
     w.storage_size_ = size;
     advise_huge_pages(w.storage_.get(), size);
-    std::memset(w.storage_.get(), 0, size);
+    const size_t from = zero ? 0 : (total >= 64 ? total - 64 : 0);
+    std::memset(w.storage_.get() + from, 0, size - from);
   }
   // Decode streams the storage front to back: the whole 2 MiB pages inside it are advised for
   // transparent huge pages (before they are first touched), so its reads cross few TLB entries.
@@ -325,7 +328,7 @@ PackedWeight pack_dense(DType dtype, int64_t rows, int64_t cols, const void* dat
   if (panels) {
     const size_t bytes = static_cast<size_t>(kernels::panel_elements(rows, cols)) * dtype_size(dtype);
     const Packer::Section s = p.reserve(bytes);
-    p.allocate();
+    p.allocate(/*zero=*/false);  // to_panels writes every byte, the padding rows included
     kernels::to_panels(data, rows, cols, dtype_size(dtype), p.at(s));
     v.dense = p.at(s);
     v.panels = true;

@@ -167,25 +167,36 @@ void linear_isa(Isa isa, const DenseWeight& w, const float* x, int64_t ldx, int6
   }
 }
 
+namespace {
+
+// 16 × 16 blocks: the block's 16 row pieces are read, and its 16 panel columns (512 bytes of
+// bf16) written contiguously.
+template <class T>
+void copy_to_panels(const T* src, int64_t rows, int64_t cols, T* dst) {
+  const int64_t panels = (rows + kPanelRows - 1) / kPanelRows;
+  for (int64_t q = 0; q < panels; ++q) {
+    T* out = dst + q * kPanelRows * cols;
+    const int64_t valid = std::min(kPanelRows, rows - q * kPanelRows);
+    if (valid < kPanelRows) std::memset(out, 0, static_cast<size_t>(kPanelRows * cols) * sizeof(T));
+    const T* in = src + q * kPanelRows * cols;
+    for (int64_t c0 = 0; c0 < cols; c0 += kPanelRows) {
+      const int64_t cn = std::min(kPanelRows, cols - c0);
+      for (int64_t i = 0; i < valid; ++i)
+        for (int64_t j = 0; j < cn; ++j) out[(c0 + j) * kPanelRows + i] = in[i * cols + c0 + j];
+    }
+  }
+}
+
+}  // namespace
+
 void to_panels(const void* src, int64_t rows, int64_t cols, size_t elem_bytes, void* dst) {
   SPARSA_CHECK(rows > 0 && cols > 0 && src != nullptr && dst != nullptr,
                "to_panels: a [{}, {}] weight needs data and a destination", rows, cols);
   SPARSA_CHECK(elem_bytes == 2 || elem_bytes == 4, "to_panels: {}-byte elements", elem_bytes);
-  const auto* s = static_cast<const uint8_t*>(src);
-  auto* d = static_cast<uint8_t*>(dst);
-  const int64_t panels = (rows + kPanelRows - 1) / kPanelRows;
-  for (int64_t q = 0; q < panels; ++q) {
-    uint8_t* out = d + static_cast<size_t>(q * kPanelRows * cols) * elem_bytes;
-    const int64_t valid = std::min(kPanelRows, rows - q * kPanelRows);
-    std::memset(out, 0, static_cast<size_t>(kPanelRows * cols) * elem_bytes);
-    // Row by row: each source row is read sequentially, the panel (16 · cols elements) stays in
-    // cache while it is filled.
-    for (int64_t i = 0; i < valid; ++i) {
-      const uint8_t* row = s + static_cast<size_t>((q * kPanelRows + i) * cols) * elem_bytes;
-      for (int64_t c = 0; c < cols; ++c)
-        std::memcpy(out + static_cast<size_t>(c * kPanelRows + i) * elem_bytes,
-                    row + static_cast<size_t>(c) * elem_bytes, elem_bytes);
-    }
+  if (elem_bytes == 2) {
+    copy_to_panels(static_cast<const uint16_t*>(src), rows, cols, static_cast<uint16_t*>(dst));
+  } else {
+    copy_to_panels(static_cast<const uint32_t*>(src), rows, cols, static_cast<uint32_t*>(dst));
   }
 }
 
