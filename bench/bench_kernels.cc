@@ -122,7 +122,6 @@ void BM_Prefill(benchmark::State& state) {
       2.0 * static_cast<double>(state.iterations() * rows * cols * n), benchmark::Counter::kIsRate);
 }
 
-// Args: n_heads, n_kv_heads, head_dim, n_q, pos0.
 // Arguments: heads, kv heads, head_dim, queries, cached positions, cache element bits (32: f32,
 // 16: bf16), and how many caches the iterations cycle through (one per layer of a model: with
 // 22, a TinyLlama decode step's worth, the caches come from DRAM as in a real step).

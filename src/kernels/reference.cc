@@ -1,7 +1,6 @@
 // The scalar oracles of the kernels: plain loops in double precision, no blocking, no threads.
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
 #include "sparsa/core/dtype.h"
@@ -43,11 +42,8 @@ void attention(const AttentionShape& s, const float* q, int64_t ldq, const void*
                const void* v_data, int64_t ldkv, float* out, int64_t ldo) {
   const bool bf16 = s.kv_dtype == DType::BF16;
   auto at = [bf16](const void* base, int64_t i) -> double {
-    if (!bf16) return static_cast<const float*>(base)[i];
-    const uint32_t bits = uint32_t{static_cast<const uint16_t*>(base)[i]} << 16;
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
+    return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(base)[i])
+                : static_cast<const float*>(base)[i];
   };
   const int g = s.n_heads / s.n_kv_heads;
   const int d = s.head_dim;
