@@ -8,7 +8,9 @@
 //     model's layers do. Counter bits_per_weight: packed bytes · 8 / (rows · cols);
 //     us_per_token: the time of one call divided by its tokens.
 //   - prefill (512 tokens): counter flops (2 · rows · cols · tokens per second).
-// Threads: SPARSA_BENCH_THREADS (default 2). ISA: SPARSA_FORCE_ISA.
+// Threads: SPARSA_BENCH_THREADS (default 2). ISA: SPARSA_FORCE_ISA. SPARSA_BENCH_HOT=1 decodes
+// one copy of the weight again and again, from the caches: the kernel's compute rate, without
+// the memory's limit (frac_bw above 1 means a kernel that could outrun DRAM).
 //   bench_formats --benchmark_repetitions=5 --benchmark_report_aggregates_only=true
 //   bench_formats --benchmark_filter='Decode/int4g128/.*/t1/int8$'
 #include <benchmark/benchmark.h>
@@ -144,7 +146,9 @@ const std::map<std::string, std::function<PackedWeight(const Matrix&)>>& formats
 void BM_Decode(benchmark::State& state, const std::string& name, int64_t rows, int64_t cols,
                int64_t n_tokens, kernels::DecodeInput input) {
   const PackedWeight first = formats_table().at(name)(random_matrix(rows, cols));
-  const size_t copies = (kStreamBytes + first.bytes() - 1) / first.bytes() + 1;
+  const bool hot = std::getenv("SPARSA_BENCH_HOT") != nullptr &&
+                   std::string(std::getenv("SPARSA_BENCH_HOT")) == "1";
+  const size_t copies = hot ? 1 : (kStreamBytes + first.bytes() - 1) / first.bytes() + 1;
   std::vector<PackedWeight> ws;
   ws.reserve(copies);
   for (size_t c = 0; c < copies; ++c) ws.push_back(first.clone());

@@ -85,7 +85,7 @@ void expect_dequantizes_to(const PackedWeight& pw, const std::vector<float>& wan
 }
 
 // The int8 decode input as packed_linear.h defines it, in the input's own column order: token
-// t's stored columns (perm) in blocks of 64, s = max|x| / 127, x̂ = s · round-half-even(x / s).
+// t's stored columns (perm) in blocks of 128, s = max|x| / 127, x̂ = s · round-half-even(x / s).
 struct QuantizedX {
   std::vector<float> xhat;   // [n_tokens, cols]
   std::vector<float> step;   // [n_tokens, cols]: s of the column's block
@@ -96,8 +96,8 @@ QuantizedX quantize_like_decode(const PackedView& v, const float* x, int64_t ldx
   q.xhat.resize(static_cast<size_t>(n * cols));
   q.step.resize(q.xhat.size());
   for (int64_t t = 0; t < n; ++t)
-    for (int64_t b0 = 0; b0 < cols; b0 += kBlockCols) {
-      const int64_t b1 = std::min(cols, b0 + kBlockCols);
+    for (int64_t b0 = 0; b0 < cols; b0 += 128) {
+      const int64_t b1 = std::min<int64_t>(cols, b0 + 128);
       const auto col = [&](int64_t j) { return v.perm != nullptr ? v.perm[j] : j; };
       float amax = 0.0f;
       for (int64_t j = b0; j < b1; ++j) amax = std::max(amax, std::abs(x[t * ldx + col(j)]));

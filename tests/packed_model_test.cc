@@ -137,7 +137,7 @@ std::vector<float> prefill_and_decode_logits(model::Model& m, ThreadPool& pool) 
 // order (the packed kernels expand codes block by block; act-order sums in stored column order;
 // low-rank runs its two factors instead of U V).
 constexpr double kTolerance = 2e-5;
-// With the decode kernels' default int8 input coding (Q8 blocks of 64 columns), decode steps also
+// With the decode kernels' default int8 input coding (Q8 blocks of 128 columns), decode steps also
 // carry the rounding of every layer's input: |Δy| <= Σ_k |W[r, k]| · s_block / 2 per layer.
 constexpr double kInt8InputTolerance = 3e-2;
 

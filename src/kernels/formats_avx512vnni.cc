@@ -11,8 +11,11 @@
 //                  Σ lo·q − 32768 · Σ q, hi = (Q >> 8) + 128 unsigned.
 //   Bitmask        the block's kept codes (nibbles unpacked first) move to their columns with
 //                  vpexpandb; pruned columns take the zero point (Int) or table entry 0 (Palette).
-// One block's integer dot products are converted to f32 with its input scale s_b: a block of 64
-// u8 × s8 products summed in 16 lanes cannot overflow 32 bits.
+// The input is quantized per 128 columns, the two 64-column blocks of a pair (2p, 2p + 1), so
+// both blocks' integer dot products are summed in the same lanes and converted to f32 once, with
+// the pair's input scale s_p (and, for Int codes, the group's scale where the pair lies in one
+// group): 128 u8 × s8 products summed in 16 lanes cannot overflow 32 bits, nor can a palette's
+// 256 · Σ hi·q + Σ lo·q.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
@@ -66,10 +69,14 @@ class CodeReader {
         v = _mm512_mask_srli_epi16(v, _cvtu32_mask32(0xffff0000u), v, 4);
         return _mm512_and_si512(v, _mm512_set1_epi8(0x0f));
       } else {  // byte i = lo[i] | lo[i+16] << 2 | lo[i+32] << 4 | lo[i+48] << 6; bit plane
+        // Lane L (bytes 16 L .. 16 L + 15) takes bits 2 L, 2 L + 1 of each byte: vpmultishiftqb
+        // picks, for byte j of a qword, the 8 bits at offset 8 j + 2 L.
         __m512i v = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(blk)));
-        v = _mm512_srlv_epi16(v, _mm512_set_epi64(0x0006000600060006, 0x0006000600060006,
-                                                   0x0004000400040004, 0x0004000400040004,
-                                                   0x0002000200020002, 0x0002000200020002, 0, 0));
+        v = _mm512_multishift_epi64_epi8(
+            _mm512_set_epi64(0x3e362e261e160e06, 0x3e362e261e160e06, 0x3c342c241c140c04,
+                             0x3c342c241c140c04, 0x3a322a221a120a02, 0x3a322a221a120a02,
+                             0x3830282018100800, 0x3830282018100800),
+            v);
         v = _mm512_and_si512(v, _mm512_set1_epi8(3));
         if constexpr (SB == 3)  // bit 2 of code i is bit i of the plane
           v = _mm512_mask_add_epi8(v, _cvtu64_mask64(load_u64(blk + 16)), v, _mm512_set1_epi8(4));
@@ -87,8 +94,8 @@ class CodeReader {
   const uint8_t* masks_ = nullptr;
 };
 
-inline __m512 block_scale(const QuantizedInput& x, int t, int64_t b) {
-  return _mm512_set1_ps(x.scale[t * x.n_blocks + b]);
+inline __m512 pair_scale(const QuantizedInput& x, int t, int64_t q) {
+  return _mm512_set1_ps(x.scale[t * x.n_pairs + q]);
 }
 inline __m512i input_block(const QuantizedInput& x, int t, int64_t b) {
   return _mm512_load_si512(x.q + t * x.ldq + b * kBlockCols);
@@ -113,61 +120,93 @@ inline void finish_int_row(const PackedView& p, const QuantizedInput& x, int64_t
   }
 }
 
-// Group-quantized codes, one 64-column block at a time: rows [r0, r1) × T tokens. Block b's
-// integer dot product is scaled by s_b · scale_g (g: its group; one group per row when
-// n_groups = 1); the zero points are subtracted once per row through the group sums.
-template <int SB, bool kSparse, int T>
+// Runs step(q, acc) over the pairs q of a row, alternating two sets of sums for one token so
+// that the FMA latency stays hidden (a second set costs registers the 8-token tile lacks).
+template <int T, class F>
+inline void over_pairs(int64_t np, __m512 (&acc)[T], __m512 (&acc2)[T], F&& step) {
+  int64_t q = 0;
+  if constexpr (T == 1) {
+    for (; q + 1 < np; q += 2) {
+      step(q, acc);
+      step(q + 1, acc2);
+    }
+  }
+  for (; q < np; ++q) step(q, acc);
+}
+
+// Group-quantized codes: rows [r0, r1) × T tokens. kPairGroups (one group per row, or groups of
+// an even number of blocks): a pair's two integer dot products are summed, then scaled once by
+// s_p · scale_g. Otherwise (groups of an odd number of blocks) each block is scaled by its own
+// group. The zero points are subtracted once per row through the group sums.
+template <int SB, bool kSparse, int T, bool kPairGroups>
 void int_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ldy, int64_t r0,
               int64_t r1) {
-  const int64_t nb = p.n_blocks, ng = p.n_groups;
+  const int64_t nb = p.n_blocks, ng = p.n_groups, np = (nb + 1) / 2;
   const int64_t bpg = ng == 1 ? nb : p.group_size / kBlockCols;
   const __m512i zero = _mm512_setzero_si512();
   for (int64_t r = r0; r < r1; ++r) {
     CodeReader<SB, kSparse> rd(p, r);
     const float* ws = p.scales + r * ng;
     const uint8_t* zs = p.zeros + r * ng;
-    // Two sums per token for one token, so that the FMA latency stays hidden.
     __m512 acc[T], acc2[T];
     for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
-    int64_t g = 0, left = bpg;
+    int64_t g = 0, left = bpg;  // the group of the next block, and its blocks still to come
     __m512i fill = kSparse ? _mm512_set1_epi8(static_cast<char>(zs[0])) : zero;
-    const auto step = [&](int64_t b, __m512 (&s)[T]) {
-      if (left == 0) {  // the next group
+    const auto next_block = [&] {
+      if (left == 0) {
         ++g;
         left = bpg;
         if constexpr (kSparse) fill = _mm512_set1_epi8(static_cast<char>(zs[g]));
       }
       --left;
-      __mmask64 keep;
-      const __m512i c = rd.block(b, fill, keep);
-      const __m512 wsv = _mm512_set1_ps(ws[g]);
-      for (int t = 0; t < T; ++t) {
-        const __m512i d = _mm512_dpbusd_epi32(zero, c, input_block(x, t, b));
-        s[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), block_scale(x, t, b)), wsv,
-                               s[t]);
-      }
     };
-    int64_t b = 0;
-    if constexpr (T == 1) {
-      for (; b + 1 < nb; b += 2) {
-        step(b, acc);
-        step(b + 1, acc2);
+    over_pairs<T>(np, acc, acc2, [&](int64_t q, __m512 (&s)[T]) {
+      const int64_t b = 2 * q;
+      const bool second = b + 1 < nb;
+      __mmask64 keep;
+      if constexpr (kPairGroups) {
+        next_block();
+        const __m512i c0 = rd.block(b, fill, keep);
+        __m512i d[T];
+        for (int t = 0; t < T; ++t) d[t] = _mm512_dpbusd_epi32(zero, c0, input_block(x, t, b));
+        if (second) {
+          next_block();
+          const __m512i c1 = rd.block(b + 1, fill, keep);
+          for (int t = 0; t < T; ++t) d[t] = _mm512_dpbusd_epi32(d[t], c1, input_block(x, t, b + 1));
+        }
+        const float wg = ws[g];
+        for (int t = 0; t < T; ++t)
+          s[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[t]),
+                                 _mm512_set1_ps(wg * x.scale[t * x.n_pairs + q]), s[t]);
+      } else {
+        for (int64_t bb = b; bb < (second ? b + 2 : b + 1); ++bb) {
+          next_block();
+          const __m512i c = rd.block(bb, fill, keep);
+          const __m512 wsv = _mm512_set1_ps(ws[g]);
+          for (int t = 0; t < T; ++t) {
+            const __m512i d = _mm512_dpbusd_epi32(zero, c, input_block(x, t, bb));
+            s[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), pair_scale(x, t, q)), wsv,
+                                   s[t]);
+          }
+        }
       }
-    }
-    for (; b < nb; ++b) step(b, acc);
+    });
     finish_int_row(p, x, r, T, acc, acc2, y, ldy);
   }
 }
 
-// Dense 4-bit codes two blocks at a time: a block's byte i holds columns i and i + 32, so 64
-// bytes of two blocks unpack into [b: 0..31, b+1: 0..31] (low nibbles) and [b: 32..63,
-// b+1: 32..63] (high nibbles), which multiply the input's pair layout (QuantizedInput::qp);
-// lanes 0..7 then sum block b and lanes 8..15 block b + 1, scaled per lane.
+// Dense 4-bit codes a pair at a time: a block's byte i holds columns i and i + 32, so the 64
+// bytes of blocks 2q and 2q + 1 unpack into [2q: 0..31, 2q+1: 0..31] (low nibbles) and
+// [2q: 32..63, 2q+1: 32..63] (high nibbles), which multiply the input's pair layout
+// (QuantizedInput::qp). kSameGroup: both blocks lie in one group; otherwise lanes 0..7 (block
+// 2q) and 8..15 (block 2q + 1) take their own group's scale.
 template <int T, bool kSameGroup>
 void int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ldy,
                     int64_t r0, int64_t r1) {
   const int64_t nb = p.n_blocks, ng = p.n_groups, np = (nb + 1) / 2;
   const int64_t bpg = ng == 1 ? nb : p.group_size / kBlockCols;
+  // Pairs per group (kSameGroup: one group per row, or groups of an even number of blocks).
+  const int64_t ppg = ng == 1 ? np + 1 : bpg / 2;
   const __m512i zero = _mm512_setzero_si512(), nib = _mm512_set1_epi8(0x0f);
   const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   for (int64_t r = r0; r < r1; ++r) {
@@ -175,14 +214,20 @@ void int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* y, int6
     const float* ws = p.scales + r * ng;
     __m512 acc[T], acc2[T];
     for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
-    const auto step = [&](int64_t q, __m512 (&s)[T]) {
+    int64_t g = 0, left = ppg;
+    over_pairs<T>(np, acc, acc2, [&](int64_t q, __m512 (&s)[T]) {
       const __m512i v = _mm512_loadu_si512(codes + 64 * q);
       const __m512i lo = _mm512_and_si512(v, nib);
       const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), nib);
       __m512 wsv;
       if constexpr (kSameGroup) {
-        wsv = _mm512_set1_ps(ws[ng == 1 ? 0 : 2 * q / bpg]);
-      } else {  // blocks 2q and 2q + 1 in groups of their own
+        if (left == 0) {  // the next group (never reached with one group per row)
+          ++g;
+          left = ppg;
+        }
+        --left;
+        wsv = _mm512_set1_ps(ws[g]);
+      } else {
         const int64_t g0 = 2 * q / bpg, g1 = std::min(ng - 1, (2 * q + 1) / bpg);
         wsv = _mm512_permutexvar_ps(
             halves, _mm512_castps128_ps512(_mm_setr_ps(ws[g0], ws[g1], 0.0f, 0.0f)));
@@ -191,63 +236,77 @@ void int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* y, int6
         const int8_t* xq = x.qp + t * x.ldq + 128 * q;
         __m512i d = _mm512_dpbusd_epi32(zero, lo, _mm512_load_si512(xq));
         d = _mm512_dpbusd_epi32(d, hi, _mm512_load_si512(xq + 64));
-        s[t] = _mm512_fmadd_ps(
-            _mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_load_ps(x.pair_scale + (t * np + q) * 16)),
-            wsv, s[t]);
+        s[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), pair_scale(x, t, q)), wsv,
+                               s[t]);
       }
-    };
-    int64_t q = 0;
-    if constexpr (T == 1) {
-      for (; q + 1 < np; q += 2) {
-        step(q, acc);
-        step(q + 1, acc2);
-      }
-    }
-    for (; q < np; ++q) step(q, acc);
+    });
     finish_int_row(p, x, r, T, acc, acc2, y, ldy);
   }
 }
 
-// Palettes of 2..6 bits through the 16-bit byte-plane tables: rows [r0, r1) × T tokens.
+// Palettes of 2..6 bits through the 16-bit byte-plane tables: rows [r0, r1) × T tokens. A pair's
+// sums: d = 256 · Σ hi·q + Σ lo·q over both blocks, scaled once by s_p.
 template <int SB, bool kSparse, int T>
 void palette_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ldy,
                   int64_t r0, int64_t r1) {
-  const int64_t nb = p.n_blocks;
+  const int64_t nb = p.n_blocks, np = (nb + 1) / 2;
   const __m512i zero = _mm512_setzero_si512();
   const __m512i hi_zero = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t r = r0; r < r1; ++r) {
     CodeReader<SB, kSparse> rd(p, r);
     const int64_t tbl = r / p.group_rows;
-    const __m512i th = _mm512_load_si512(p.lut_q + tbl * 128);
-    const __m512i tl = _mm512_load_si512(p.lut_q + tbl * 128 + 64);
+    // Codes of <= 4 bits index 16 entries: the tables' first 16 bytes in every 128-bit lane, for
+    // vpshufb (in-lane, cheaper than vpermb's 64-entry lookup).
+    constexpr bool kShuf = SB <= 4;
+    const __m512i th = kShuf ? _mm512_broadcast_i32x4(_mm_load_si128(
+                                   reinterpret_cast<const __m128i*>(p.lut_q + tbl * 128)))
+                             : _mm512_load_si512(p.lut_q + tbl * 128);
+    const __m512i tl = kShuf ? _mm512_broadcast_i32x4(_mm_load_si128(
+                                   reinterpret_cast<const __m128i*>(p.lut_q + tbl * 128 + 64)))
+                             : _mm512_load_si512(p.lut_q + tbl * 128 + 64);
     __m512 acc[T], acc2[T];
     for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
-    const auto step = [&](int64_t blk, __m512 (&s)[T]) {
+    // The two planes' codes of block b.
+    const auto planes = [&](int64_t b, __m512i& h, __m512i& l) {
       __mmask64 keep;
-      const __m512i c = rd.block(blk, zero, keep);
-      __m512i h, l;
-      if constexpr (kSparse) {  // pruned columns: Q = 0
+      const __m512i c = rd.block(b, zero, keep);
+      if constexpr (kSparse && kShuf) {  // pruned columns: Q = 0
+        h = _mm512_mask_shuffle_epi8(hi_zero, keep, th, c);
+        l = _mm512_maskz_shuffle_epi8(keep, tl, c);
+      } else if constexpr (kSparse) {
         h = _mm512_mask_permutexvar_epi8(hi_zero, keep, c, th);
         l = _mm512_maskz_permutexvar_epi8(keep, c, tl);
+      } else if constexpr (kShuf) {
+        h = _mm512_shuffle_epi8(th, c);
+        l = _mm512_shuffle_epi8(tl, c);
       } else {
         h = _mm512_permutexvar_epi8(c, th);
         l = _mm512_permutexvar_epi8(c, tl);
       }
-      for (int t = 0; t < T; ++t) {
-        const __m512i xq = input_block(x, t, blk);
-        __m512i d = _mm512_slli_epi32(_mm512_dpbusd_epi32(zero, h, xq), 8);
-        d = _mm512_dpbusd_epi32(d, l, xq);
-        s[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), block_scale(x, t, blk), s[t]);
-      }
     };
-    int64_t b = 0;
-    if constexpr (T == 1) {
-      for (; b + 1 < nb; b += 2) {
-        step(b, acc);
-        step(b + 1, acc2);
+    over_pairs<T>(np, acc, acc2, [&](int64_t q, __m512 (&s)[T]) {
+      const int64_t b = 2 * q;
+      __m512i h0, l0;
+      planes(b, h0, l0);
+      __m512i d[T];
+      if (b + 1 < nb) {
+        __m512i h1, l1;
+        planes(b + 1, h1, l1);
+        for (int t = 0; t < T; ++t) {
+          const __m512i x0 = input_block(x, t, b), x1 = input_block(x, t, b + 1);
+          __m512i dh = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, h0, x0), h1, x1);
+          d[t] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_slli_epi32(dh, 8), l0, x0), l1, x1);
+        }
+      } else {
+        for (int t = 0; t < T; ++t) {
+          const __m512i x0 = input_block(x, t, b);
+          d[t] = _mm512_dpbusd_epi32(_mm512_slli_epi32(_mm512_dpbusd_epi32(zero, h0, x0), 8), l0,
+                                     x0);
+        }
       }
-    }
-    for (; b < nb; ++b) step(b, acc);
+      for (int t = 0; t < T; ++t)
+        s[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[t]), pair_scale(x, t, q), s[t]);
+    });
     const float qs = p.lut_qscale[tbl];
     for (int t = 0; t < T; ++t)
       y[t * ldy + r] =
@@ -278,11 +337,18 @@ void for_token_count(int64_t n_tokens, F&& f) {
   }
 }
 
-template <int SB, bool kSparse>
+template <int SB, bool kSparse, bool kPairGroups>
 void int_decode(const PackedView& p, const QuantizedInput& x, int64_t n_tokens, float* y,
                 int64_t ldy, int64_t r0, int64_t r1) {
-  for_token_count(n_tokens,
-                  [&](auto t) { int_rows<SB, kSparse, decltype(t)::value>(p, x, y, ldy, r0, r1); });
+  for_token_count(n_tokens, [&](auto t) {
+    int_rows<SB, kSparse, decltype(t)::value, kPairGroups>(p, x, y, ldy, r0, r1);
+  });
+}
+
+template <int SB, bool kSparse>
+FormatDecodeQ8Fn int_decode_fn(const PackedView& v) {
+  const bool pair_groups = v.n_groups == 1 || (v.group_size / kBlockCols) % 2 == 0;
+  return pair_groups ? &int_decode<SB, kSparse, true> : &int_decode<SB, kSparse, false>;
 }
 
 template <bool kSameGroup>
@@ -308,16 +374,16 @@ FormatDecodeQ8Fn decode_q8(const PackedView& v) {
   const int sb = sparse ? (v.bits <= 4 ? 4 : 8) : formats::stored_code_bits(v.bits);
   if (v.codec == Codec::Int) {
     if (v.n_groups > 1 && v.group_size % kBlockCols != 0) return nullptr;
-    if (sparse) return sb == 4 ? &int_decode<4, true> : &int_decode<8, true>;
+    if (sparse) return sb == 4 ? int_decode_fn<4, true>(v) : int_decode_fn<8, true>(v);
     switch (sb) {
-      case 2: return &int_decode<2, false>;
-      case 3: return &int_decode<3, false>;
+      case 2: return int_decode_fn<2, false>(v);
+      case 3: return int_decode_fn<3, false>(v);
       case 4: {
         const int64_t bpg = v.n_groups == 1 ? v.n_blocks : v.group_size / kBlockCols;
         return v.n_groups == 1 || bpg % 2 == 0 ? &int4_pair_decode<true>
                                                 : &int4_pair_decode<false>;
       }
-      default: return &int_decode<8, false>;
+      default: return int_decode_fn<8, false>(v);
     }
   }
   if (v.codec == Codec::Palette && v.lut_q != nullptr) {
@@ -333,36 +399,37 @@ FormatDecodeQ8Fn decode_q8(const PackedView& v) {
 }
 
 void quantize_input(const float* x, int64_t ldx, int64_t n_tokens, int64_t cols, int8_t* q,
-                    int8_t* qp, int64_t ldq, float* scale, float* pair_scale, float* block_sum) {
+                    int8_t* qp, int64_t ldq, float* scale, float* block_sum) {
   const int64_t nb = (cols + kBlockCols - 1) / kBlockCols, np = (nb + 1) / 2;
   const __m512 sign = _mm512_set1_ps(-0.0f);
   for (int64_t t = 0; t < n_tokens; ++t) {
     const float* xt = x + t * ldx;
     int8_t* qt = q + t * ldq;
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t c0 = b * kBlockCols;
-      __m512 v[4];
+    for (int64_t p = 0; p < np; ++p) {
+      const int64_t c0 = p * kInputBlockCols;
+      __m512 v[8];
       __m512 amax = _mm512_setzero_ps();
-      for (int s = 0; s < 4; ++s) {
+      for (int s = 0; s < 8; ++s) {
         v[s] = _mm512_maskz_loadu_ps(mask16(std::max<int64_t>(0, cols - c0 - 16 * s)),
                                      xt + c0 + 16 * s);
         amax = _mm512_max_ps(amax, _mm512_andnot_ps(sign, v[s]));
       }
       const float m = _mm512_reduce_max_ps(amax);
-      const float s_b = m / 127.0f;
-      __m512i sum = _mm512_setzero_si512();
-      for (int s = 0; s < 4; ++s) {
-        // s_b = 0 only for an all-zero block: its codes are 0 (not 0 / 0).
-        const __m512i qi = s_b > 0.0f
-                               ? _mm512_cvtps_epi32(_mm512_div_ps(v[s], _mm512_set1_ps(s_b)))
+      const float s_p = m / 127.0f;
+      __m512i sum[2] = {_mm512_setzero_si512(), _mm512_setzero_si512()};
+      for (int s = 0; s < 8; ++s) {
+        // s_p = 0 only for an all-zero block: its codes are 0 (not 0 / 0).
+        const __m512i qi = s_p > 0.0f
+                               ? _mm512_cvtps_epi32(_mm512_div_ps(v[s], _mm512_set1_ps(s_p)))
                                : _mm512_setzero_si512();
-        sum = _mm512_add_epi32(sum, qi);
+        sum[s / 4] = _mm512_add_epi32(sum[s / 4], qi);
         _mm_store_si128(reinterpret_cast<__m128i*>(qt + c0 + 16 * s), _mm512_cvtepi32_epi8(qi));
       }
-      scale[t * nb + b] = s_b;
-      block_sum[t * nb + b] = s_b * static_cast<float>(_mm512_reduce_add_epi32(sum));
+      scale[t * np + p] = s_p;
+      block_sum[t * nb + 2 * p] = s_p * static_cast<float>(_mm512_reduce_add_epi32(sum[0]));
+      if (2 * p + 1 < nb)
+        block_sum[t * nb + 2 * p + 1] = s_p * static_cast<float>(_mm512_reduce_add_epi32(sum[1]));
     }
-    if (nb % 2 != 0) _mm512_store_si512(qt + nb * kBlockCols, _mm512_setzero_si512());
     // The pair layout: 32-column halves of blocks 2p and 2p + 1 interleaved.
     int8_t* qpt = qp + t * ldq;
     const __m512i idx = _mm512_setr_epi64(0, 1, 2, 3, 8, 9, 10, 11);
@@ -372,10 +439,6 @@ void quantize_input(const float* x, int64_t ldx, int64_t n_tokens, int64_t cols,
       const __m512i hi = _mm512_permutex2var_epi64(a, _mm512_add_epi64(idx, _mm512_set1_epi64(4)), b);
       _mm512_store_si512(qpt + 128 * p, lo);
       _mm512_store_si512(qpt + 128 * p + 64, hi);
-      const float s1 = 2 * p + 1 < nb ? scale[t * nb + 2 * p + 1] : 0.0f;
-      _mm512_store_ps(pair_scale + (t * np + p) * 16,
-                      _mm512_mask_blend_ps(0xff00, _mm512_set1_ps(scale[t * nb + 2 * p]),
-                                           _mm512_set1_ps(s1)));
     }
   }
 }

@@ -48,14 +48,12 @@ inline __m512i load_in_register(const void* p) {
 #endif
 
 #if defined(__AVX512VBMI__)
-// The 64 nibbles at p (byte k = n[2k] | n[2k + 1] << 4) as 64 bytes: vpermd moves dword q (eight
-// nibbles) to qword q, and vpmultishiftqb takes nibble i of each qword into its byte i.
+// The 64 nibbles at p (byte k = n[2k] | n[2k + 1] << 4) as 64 bytes: byte k widens to word k,
+// and (w | w << 4) & 0x0f0f leaves n[2k] in its low byte and n[2k + 1] in its high byte (on Zen 4
+// this is cheaper than a vpermd and a vpmultishiftqb).
 inline __m512i spread_nibbles(const uint8_t* p) {
-  const __m512i d = _mm512_permutexvar_epi32(
-      _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7),
-      _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))));
-  return _mm512_and_si512(_mm512_multishift_epi64_epi8(_mm512_set1_epi64(0x1c1814100c080400), d),
-                          _mm512_set1_epi8(0x0f));
+  const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_ternarylogic_epi32(w, _mm512_slli_epi16(w, 4), _mm512_set1_epi16(0x0f0f), 0xa8);
 }
 
 // The c kept codes of one Bitmask block at cur, as bytes in order (SB = 4: nibbles, 8: bytes; the
@@ -174,19 +172,20 @@ using FormatDecodeFn = void (*)(const formats::PackedView& w, const float* x, in
 using FormatDequantFn = void (*)(const formats::PackedView& w, int64_t r0, int64_t r1,
                                  float* out);
 /// A decode input quantized to int8 once per call (sparsa/kernels/packed_linear.h,
-/// DecodeInput::Int8): token t's stored columns of block b are scale[t][b] · q[t][64 b ..].
+/// DecodeInput::Int8), in blocks of kInputBlockCols stored columns, each the columns of a pair
+/// of weight blocks (2p, 2p + 1): token t's stored column c is scale[t][c / 128] · q[t][c].
+inline constexpr int64_t kInputBlockCols = 128;
 struct QuantizedInput {
   const int8_t* q = nullptr;          // [n_tokens][ldq], 64-byte aligned, 0 past the columns
-  // The same codes in pairs of blocks (b, b + 1) = (2p, 2p + 1) for 4-bit codes: 128 bytes per
-  // pair, columns [b: 0..31, b+1: 0..31, b: 32..63, b+1: 32..63]; pair_scale [n_tokens][p][16]
-  // holds scale[b] in lanes 0..7 and scale[b + 1] in lanes 8..15.
+  // The same codes with each pair's 64-column halves interleaved for 4-bit codes: 128 bytes per
+  // pair, columns [2p: 0..31, 2p+1: 0..31, 2p: 32..63, 2p+1: 32..63].
   const int8_t* qp = nullptr;
-  const float* pair_scale = nullptr;
-  const float* scale = nullptr;       // [n_tokens][n_blocks]
+  const float* scale = nullptr;       // [n_tokens][n_pairs]
   const float* group_sum = nullptr;   // [n_tokens][n_groups]: Σ over the weight's group of
-                                      // scale[b] · Σ q of block b (palettes: one group per row)
-  int64_t ldq = 0;                    // ceil(n_blocks / 2) · 128
-  int64_t n_blocks = 0;
+                                      // scale · Σ q (palettes: one group per row)
+  int64_t ldq = 0;                    // n_pairs · 128
+  int64_t n_blocks = 0;               // 64-column weight blocks
+  int64_t n_pairs = 0;                // ceil(n_blocks / 2)
   int64_t n_groups = 0;
 };
 /// Rows [r0, r1) of y = x Wᵀ from a quantized input (n_tokens <= kDecodeMaxTokens).
@@ -211,14 +210,14 @@ namespace avx512vbmi2 {
 FormatKernels format_kernels(const formats::PackedView& w);
 }
 /// AVX-512 VBMI2 plus VNNI: the int8-input decode kernels (null for formats without one) and
-/// the quantization of the input: per token and 64-column block, s = max|x| / 127 and
-/// q = round-to-nearest-even(x / s); block_sum = s · Σ q. Writes the QuantizedInput arrays
-/// q, qp ([n_tokens][ldq] bytes, 64-aligned), scale, block_sum ([n_tokens][n_blocks]) and
-/// pair_scale ([n_tokens][ceil(n_blocks / 2)][16], 64-aligned).
+/// the quantization of the input: per token and 128-column block, s = max|x| / 127 and
+/// q = round-to-nearest-even(x / s). Writes the QuantizedInput arrays q and qp
+/// ([n_tokens][ldq] bytes, 64-aligned) and scale ([n_tokens][n_pairs]), and block_sum
+/// ([n_tokens][n_blocks]): s · Σ q over each 64-column weight block.
 namespace avx512vnni {
 FormatDecodeQ8Fn decode_q8(const formats::PackedView& w);
 void quantize_input(const float* x, int64_t ldx, int64_t n_tokens, int64_t cols, int8_t* q,
-                    int8_t* qp, int64_t ldq, float* scale, float* pair_scale, float* block_sum);
+                    int8_t* qp, int64_t ldq, float* scale, float* block_sum);
 }
 
 /// Scratch buffers that live as long as their thread, one per slot, 64-byte aligned. A call

@@ -96,8 +96,9 @@ void decode(const FormatKernels& kn, const PackedView& v, const float* x, int64_
   });
 }
 
-// The int8 decode input in the calling thread's scratch: [n_tokens][ldq] codes, then scales and
-// block sums [n_tokens][n_blocks] each, then `group_floats` floats for the weights' group sums.
+// The int8 decode input in the calling thread's scratch: [n_tokens][ldq] codes twice (plain and
+// pair layout), then scales [n_tokens][n_pairs] and block sums [n_tokens][n_blocks], then
+// `group_floats` floats for the weights' group sums.
 struct QuantizedScratch {
   QuantizedInput in;
   const float* block_sum = nullptr;
@@ -108,24 +109,21 @@ QuantizedScratch quantize(const float* x, int64_t ldx, int64_t n_tokens, int64_t
                           int64_t group_floats) {
   QuantizedScratch s;
   const int64_t nb = (cols + formats::kBlockCols - 1) / formats::kBlockCols, np = (nb + 1) / 2;
-  const int64_t ldq = np * 2 * formats::kBlockCols;
+  const int64_t ldq = np * kInputBlockCols;
   const int64_t q_floats = n_tokens * ldq / static_cast<int64_t>(sizeof(float));
-  float* buf = thread_scratch(Scratch::kQuantX, static_cast<size_t>(2 * q_floats +
-                                                                    16 * n_tokens * np +
-                                                                    2 * n_tokens * nb +
-                                                                    group_floats));
+  float* buf = thread_scratch(Scratch::kQuantX, static_cast<size_t>(2 * q_floats + n_tokens * np +
+                                                                    n_tokens * nb + group_floats));
   auto* q = reinterpret_cast<int8_t*>(buf);
-  auto* qp = reinterpret_cast<int8_t*>(buf + q_floats);
-  float* pair_scale = buf + 2 * q_floats;  // 64-byte aligned: q_floats is a multiple of 32
-  float* scale = pair_scale + 16 * n_tokens * np;
-  float* block_sum = scale + n_tokens * nb;
-  avx512vnni::quantize_input(x, ldx, n_tokens, cols, q, qp, ldq, scale, pair_scale, block_sum);
+  auto* qp = reinterpret_cast<int8_t*>(buf + q_floats);  // 64-byte aligned: q_floats % 32 == 0
+  float* scale = buf + 2 * q_floats;
+  float* block_sum = scale + n_tokens * np;
+  avx512vnni::quantize_input(x, ldx, n_tokens, cols, q, qp, ldq, scale, block_sum);
   s.in.q = q;
   s.in.qp = qp;
-  s.in.pair_scale = pair_scale;
   s.in.scale = scale;
   s.in.ldq = ldq;
   s.in.n_blocks = nb;
+  s.in.n_pairs = np;
   s.block_sum = block_sum;
   s.group_sums = block_sum + n_tokens * nb;
   return s;

@@ -32,7 +32,7 @@
 //   [n_blocks × u64 keep mask, bit i = column 64 b + i][the kept values of block 0][block 1]...
 // with c = popcount(mask) kept values per block, compact and in column order:
 //   codes of <= 4 bits: ceil(c / 2) bytes, byte i = v[2i] | v[2i + 1] << 4 (the AVX-512 kernels
-//                   spread them to bytes with one vpermd and one vpmultishiftqb);
+//                   spread them to bytes with a widening move, a shift and a ternary logic op);
 //   codes of 5..8 bits: c bytes;  BF16 values: c × u16.
 // Rows start at 8-byte aligned offsets (row_offsets). N:M masks (e.g. 2:4) use the same layout:
 // for 2:4 a bitmask costs 4 bits per 4 columns, exactly what two 2-bit positions would.

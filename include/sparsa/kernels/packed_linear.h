@@ -7,11 +7,12 @@
 //
 // Decode (n_tokens <= 8) streams the packed weight once, rows split across threads in chunks of
 // 16 rows. Its input is read in one of two ways (DecodeInput):
-//   Int8  each token's input is quantized once per call, per 64 stored columns: s = max|x| / 127,
-//         q = round-to-nearest-even(x / s) in [-127, 127] (the Q8 blocks of llama.cpp). The
-//         integer codes multiply q with int8 dot products (AVX-512 VNNI) and each block's sum is
-//         scaled once; palettes use their tables as 16-bit integers (PackedView::lut_q). The
-//         error is that of rounding x: |Δy| <= Σ_k |W[r, k]| · s_block(k) / 2.
+//   Int8  each token's input is quantized once per call, per 128 stored columns (the two
+//         64-column blocks of a weight pair): s = max|x| / 127, q = round-to-nearest-even(x / s)
+//         in [-127, 127] (llama.cpp's Q8 blocks, 128 wide). The integer codes multiply q with
+//         int8 dot products (AVX-512 VNNI), summed in integers over the 128 columns and scaled
+//         once; palettes use their tables as 16-bit integers (PackedView::lut_q). The error is
+//         that of rounding x: |Δy| <= Σ_k |W[r, k]| · s_block(k) / 2.
 //   F32   the weights are expanded to f32 in registers and multiply x as it is (the reference;
 //         formats and CPUs without an int8 kernel always run it).
 // Prefill dequantizes panels of rows to f32 and runs the dense blocked GEMM on them (f32 input).
