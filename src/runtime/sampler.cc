@@ -78,15 +78,27 @@ int32_t Sampler::sample(float* logits, int64_t vocab, std::span<const int32_t> h
     }
   }
   if (p_.temperature == 0.0f) return argmax(logits, vocab);
+  // One uniform number per draw, whichever path spends it.
+  const double u = rng_.uniform();
+  if (p_.top_k == 0 && p_.top_p >= 1.0f && p_.min_p <= 0.0f) {
+    const int32_t id = sample_plain(logits, vocab, u);
+    if (id >= 0) return id;
+  }
+  return sample_sorted(logits, vocab, u);
+}
 
-  // The draw walks the candidates from the most to the least likely (ties: smaller id first),
-  // as if the whole vocabulary were sorted; but only as much of that order is built as the draw
-  // reaches. The survivors' weights are summed in whatever order they lie, which moves the
-  // result only by rounding in the last bits; the walk itself, top-p's and min-p's cut-offs all
-  // follow the sorted order. Most draws end within the first few dozen tokens, so a draw costs a
-  // selection over the vocabulary (linear) instead of a full sort.
-  const size_t v = static_cast<size_t>(vocab);
-  candidates_.resize(v);
+namespace {
+// The order the draw walks: the larger logit first, the smaller id on ties.
+bool by_logit(const std::pair<float, int32_t>& a, const std::pair<float, int32_t>& b) {
+  return a.first > b.first || (a.first == b.first && a.second < b.second);
+}
+// Bands of value below the maximum (in units of logit / temperature) in which sample_sorted()
+// builds the sorted order; sample_plain() walks the first band only.
+constexpr float kBandWidth[] = {3.0f, 8.0f, 16.0f, 32.0f};
+}  // namespace
+
+// logits / temperature into scaled_, and their maximum.
+float Sampler::scale(const float* logits, size_t v) {
   scaled_.resize(v);
   // Separate simple loops, so that the compiler vectorizes them; the maximum in eight chains.
   const float temperature = p_.temperature;
@@ -97,11 +109,62 @@ int32_t Sampler::sample(float* logits, int64_t vocab, std::span<const int32_t> h
   for (; i8 + 8 <= v; i8 += 8)
     for (int j = 0; j < 8; ++j) part_max[j] = std::max(part_max[j], scaled_[i8 + j]);
   for (int j = 0; i8 + j < v; ++j) part_max[j] = std::max(part_max[j], scaled_[i8 + j]);
-  const float maxf = *std::max_element(part_max, part_max + 8);
+  return *std::max_element(part_max, part_max + 8);
+}
+
+// Σ exp(scaled − max) over the vocabulary, in id order (eight chains of double sums); scaled_
+// holds the weights afterwards.
+double Sampler::exp_sum(size_t v, float maxf) {
+  kernels::exp_shifted(scaled_.data(), maxf, scaled_.data(), static_cast<int64_t>(v));
+  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  size_t i = 0;
+  for (; i + 8 <= v; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] += scaled_[i + j];
+  for (int j = 0; i + j < v; ++j) part[j] += scaled_[i + j];
+  return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+}
+
+// Temperature alone (no top-k, top-p or min-p): the same walk as sample_sorted(), but only the
+// first band is gathered (one pass that writes a few dozen candidates instead of the whole
+// vocabulary). -1 when the draw runs past the band (sample_sorted() then redoes it all) or the
+// band is too wide to be worth sorting.
+int32_t Sampler::sample_plain(const float* logits, int64_t vocab, double u) {
+  const size_t v = static_cast<size_t>(vocab);
+  const float maxf = scale(logits, v);
+  const float floor = maxf - kBandWidth[0];
+  band_.clear();
+  // Chunks of 64 are tested with a loop the compiler vectorizes; few hold a band member.
+  for (size_t c = 0; c < v; c += 64) {
+    const size_t e = std::min(v, c + 64);
+    bool any = false;
+    for (size_t i = c; i < e; ++i) any |= scaled_[i] >= floor;
+    if (!any) continue;
+    for (size_t i = c; i < e; ++i)
+      if (scaled_[i] >= floor) {
+        if (band_.size() == kPlainBand) return -1;
+        band_.push_back({scaled_[i], static_cast<int32_t>(i)});
+      }
+  }
+  std::sort(band_.begin(), band_.end(), by_logit);
+  double r = u * exp_sum(v, maxf);
+  for (const auto& c : band_) {
+    r -= static_cast<double>(scaled_[static_cast<size_t>(c.second)]);
+    if (r < 0) return c.second;
+  }
+  return -1;
+}
+
+int32_t Sampler::sample_sorted(const float* logits, int64_t vocab, double u) {
+  // The draw walks the candidates from the most to the least likely (ties: smaller id first),
+  // as if the whole vocabulary were sorted; but only as much of that order is built as the draw
+  // reaches. The survivors' weights are summed in whatever order they lie, which moves the
+  // result only by rounding in the last bits; the walk itself, top-p's and min-p's cut-offs all
+  // follow the sorted order. Most draws end within the first few dozen tokens, so a draw costs a
+  // selection over the vocabulary (linear) instead of a full sort.
+  const size_t v = static_cast<size_t>(vocab);
+  candidates_.resize(v);
+  const float maxf = scale(logits, v);
   for (size_t i = 0; i < v; ++i) candidates_[i] = {scaled_[i], static_cast<int32_t>(i)};
-  auto by_logit = [](const auto& a, const auto& b) {
-    return a.first > b.first || (a.first == b.first && a.second < b.second);
-  };
   const auto first = candidates_.begin();
   size_t n = v;
   if (p_.top_k > 0 && static_cast<size_t>(p_.top_k) < n) {
@@ -116,7 +179,6 @@ int32_t Sampler::sample(float* logits, int64_t vocab, std::span<const int32_t> h
   int band = 0;
   auto sort_through = [&](size_t m) {
     while (sorted < m) {
-      constexpr float kBandWidth[] = {3.0f, 8.0f, 16.0f, 32.0f};
       size_t end = n;
       if (band < 4) {
         const float floor = maxf - kBandWidth[band++];
@@ -137,16 +199,11 @@ int32_t Sampler::sample(float* logits, int64_t vocab, std::span<const int32_t> h
   };
   // Softmax over the survivors: exp(c - max) by the vector kernel (f32, about 1 ulp) for the
   // whole vocabulary at once, summed in double so that tiny tails still count.
-  kernels::exp_shifted(scaled_.data(), maxf, scaled_.data(), vocab);
   double sum = 0;
-  if (n == v) {  // the whole vocabulary, in id order: eight chains of double sums
-    double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    size_t i = 0;
-    for (; i + 8 <= v; i += 8)
-      for (int j = 0; j < 8; ++j) part[j] += scaled_[i + j];
-    for (int j = 0; i + j < v; ++j) part[j] += scaled_[i + j];
-    sum = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  if (n == v) {  // the whole vocabulary, in id order
+    sum = exp_sum(v, maxf);
   } else {
+    kernels::exp_shifted(scaled_.data(), maxf, scaled_.data(), vocab);
     for (size_t i = 0; i < n; ++i) sum += scaled_[static_cast<size_t>(candidates_[i].second)];
   }
   const size_t survivors = n;
@@ -181,7 +238,7 @@ int32_t Sampler::sample(float* logits, int64_t vocab, std::span<const int32_t> h
     total = 0;
     for (size_t i = 0; i < n; ++i) total += weight(i);
   }
-  double r = rng_.uniform() * total;
+  double r = u * total;
   for (size_t i = 0; i < n; ++i) {
     sort_through(i + 1);
     r -= weight(i);

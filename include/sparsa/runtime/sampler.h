@@ -8,6 +8,7 @@
 
 #include <cstdint>
 #include <span>
+#include <utility>
 #include <vector>
 
 namespace sparsa {
@@ -46,6 +47,13 @@ class Sampler {
   int32_t sample(float* logits, int64_t vocab, std::span<const int32_t> history);
 
  private:
+  float scale(const float* logits, size_t vocab);
+  double exp_sum(size_t vocab, float max);
+  int32_t sample_plain(const float* logits, int64_t vocab, double u);
+  int32_t sample_sorted(const float* logits, int64_t vocab, double u);
+  // sample_plain() gathers at most this many candidates of its band.
+  static constexpr size_t kPlainBand = 512;
+
   SamplingParams p_;
   Rng rng_;
   std::vector<std::pair<float, int32_t>> candidates_;
@@ -53,6 +61,7 @@ class Sampler {
   // Scratch kept between calls, so that a draw allocates nothing: logits / temperature, then
   // exp(· - max), by token id.
   std::vector<float> scaled_;
+  std::vector<std::pair<float, int32_t>> band_;
 };
 
 /// Index of the largest logit (the first one on ties).
