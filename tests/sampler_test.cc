@@ -142,7 +142,9 @@ TEST(Sampler, LargeVocabularyDrawsAsAComparisonSortWould) {
   }
   // The draw builds only as much of the sorted order as it reaches: cover the cut-offs that
   // stop it early (top-k, top-p, min-p) and a temperature so high that the distribution is
-  // nearly flat and most draws walk deep into the order.
+  // nearly flat and most draws walk deep into the order. Temperature alone walks only the first
+  // band of candidates unless the draw leaves it: 0.7 keeps nearly every draw inside it, 1.7
+  // and 40 send many or most draws past it.
   struct Case {
     float temperature, top_p, min_p;
     int top_k;
@@ -150,7 +152,7 @@ TEST(Sampler, LargeVocabularyDrawsAsAComparisonSortWould) {
   for (const Case& k : {Case{1.7f, 1.0f, 0.0f, 0}, Case{1.7f, 0.9f, 0.0f, 0},
                         Case{1.7f, 1.0f, 0.0f, 40}, Case{1.7f, 0.95f, 0.02f, 700},
                         Case{1.7f, 1.0f, 0.05f, 0}, Case{40.0f, 1.0f, 0.0f, 0},
-                        Case{40.0f, 0.5f, 0.0f, 0}}) {
+                        Case{40.0f, 0.5f, 0.0f, 0}, Case{0.7f, 1.0f, 0.0f, 0}}) {
     SamplingParams p;
     p.temperature = k.temperature;
     p.top_p = k.top_p;
@@ -170,7 +172,8 @@ TEST(Sampler, LargeVocabularyDrawsAsAComparisonSortWould) {
       distinct += got != prev;
       prev = got;
     }
-    EXPECT_GT(distinct, 100);  // the draws do move around the vocabulary
+    if (k.temperature > 1.0f) EXPECT_GT(distinct, 100);  // the draws move around the vocabulary
+    else EXPECT_GT(distinct, 1);
   }
 }
 
