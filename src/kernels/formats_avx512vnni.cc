@@ -170,14 +170,14 @@ void int_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ld
         __m512i d[T];
         for (int t = 0; t < T; ++t) d[t] = _mm512_dpbusd_epi32(zero, c0, input_block(x, t, b));
         if (second) {
-          next_block();
+          --left;  // groups hold whole pairs: the second block is in the first one's group
           const __m512i c1 = rd.block(b + 1, fill, keep);
           for (int t = 0; t < T; ++t) d[t] = _mm512_dpbusd_epi32(d[t], c1, input_block(x, t, b + 1));
         }
-        const float wg = ws[g];
+        const __m512 wsv = _mm512_set1_ps(ws[g]);
         for (int t = 0; t < T; ++t)
-          s[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[t]),
-                                 _mm512_set1_ps(wg * x.scale[t * x.n_pairs + q]), s[t]);
+          s[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d[t]), pair_scale(x, t, q)), wsv,
+                                 s[t]);
       } else {
         for (int64_t bb = b; bb < (second ? b + 2 : b + 1); ++bb) {
           next_block();
