@@ -115,7 +115,8 @@ QuantizedX quantize_like_decode(const PackedView& v, const float* x, int64_t ldx
 // dequantize_to. With DecodeInput::Int8 where the kernel quantizes its input, the result is
 // checked twice: tightly against the reference on the same quantized input, and against the
 // exact reference within the error bound of that rounding, Σ_k |w_k| · s_k / 2. Palettes' int8
-// kernels use their tables as 16-bit integers: Σ_k |x̂_k| · qscale / 2 more. Outputs are written
+// kernels use their tables as 8-bit (<= 16 entries) or 16-bit integers: the tight check uses the
+// weights rounded as those tables round them, and the bound grows by Σ_k |x̂_k| · step / 2. Outputs are written
 // with a padded stride whose pads must stay untouched.
 void check_kernels(const PackedWeight& pw, const std::string& what,
                    const std::vector<int64_t>& token_counts = {1, 2, 3, 5, 8, 9, 21}) {
@@ -133,8 +134,20 @@ void check_kernels(const PackedWeight& pw, const std::string& what,
       bound_round(ref_q.size());
   for (int64_t t = 0; t < max_n; ++t)
     for (int64_t r = 0; r < rows; ++r) {
-      const double lut_step =
-          v.lut_qscale != nullptr ? 0.5 * v.lut_qscale[r / v.group_rows] : 0.0;
+      const int64_t tbl = v.group_rows > 0 ? r / v.group_rows : 0;
+      const double lut_step = v.lut_u8 != nullptr      ? 0.5 * v.lut_u8_scale[tbl]
+                              : v.lut_qscale != nullptr ? 0.5 * v.lut_qscale[tbl]
+                                                        : 0.0;
+      // A weight as the int8-input kernel's table holds it (the palette entry rounded to the
+      // table's integer grid).
+      const auto table_value = [&](double wk) {
+        if (v.lut_u8 != nullptr) {
+          const double sc = v.lut_u8_scale[tbl], z = v.lut_u8_zero[tbl];
+          return sc * (std::clamp(std::nearbyint(wk / sc) + z, 0.0, 255.0) - z);
+        }
+        if (v.lut_qscale != nullptr) return v.lut_qscale[tbl] * std::nearbyint(wk / v.lut_qscale[tbl]);
+        return wk;
+      };
       double s = 0.0, a = 0.0, sq = 0.0, aq = 0.0, round = 0.0;
       for (int64_t k = 0; k < cols; ++k) {
         const double wk = w[r * cols + k];
@@ -142,9 +155,9 @@ void check_kernels(const PackedWeight& pw, const std::string& what,
         s += p;
         a += std::abs(p);
         if (t < max_q) {
-          const double xh = xq.xhat[t * cols + k];
-          sq += xh * wk;
-          aq += std::abs(xh * wk) + std::abs(xh) * lut_step;
+          const double xh = xq.xhat[t * cols + k], wq = table_value(wk);
+          sq += xh * wq;
+          aq += std::abs(xh * wq);
           round += std::abs(wk) * 0.5 * xq.step[t * cols + k] + std::abs(xh) * lut_step;
         }
       }

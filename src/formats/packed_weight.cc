@@ -28,10 +28,14 @@ namespace {
 // Bytes of one 64-column block of codes in Positions::All.
 int64_t all_block_bytes(int bits) { return 8 * stored_code_bits(bits); }
 
-// Bytes of c kept values of one block in Positions::Bitmask.
-int64_t kept_bytes(Codec codec, int bits, int c) {
-  if (codec == Codec::Float) return 2 * c;
-  return bits <= 4 ? (c + 1) / 2 : c;
+// Codes of <= 4 bits in Positions::Bitmask: blocks 2p and 2p + 1 share their bytes (nibbles).
+bool paired_nibbles(Codec codec, int bits) { return codec != Codec::Float && bits <= 4; }
+
+// Bytes of the kept values of blocks with c0 and c1 kept values in Positions::Bitmask: a pair of
+// blocks (c1 = 0 when the row has no second block) for paired nibbles, else one block (c1 unused).
+int64_t kept_bytes(Codec codec, int bits, int c0, int c1) {
+  if (codec == Codec::Float) return 2 * c0;
+  return paired_nibbles(codec, bits) ? std::max(c0, c1) : c0;
 }
 
 // The logical matrix being packed: codes (Int, Palette) or bf16 values (Float), a keep mask, and
@@ -91,16 +95,19 @@ uint64_t block_mask(const Source& s, int64_t r, int64_t b) {
 int64_t bitmask_row_bytes(const Source& s, int64_t r) {
   const int64_t n_blocks = (s.cols + kBlockCols - 1) / kBlockCols;
   int64_t bytes = 8 * n_blocks;
-  for (int64_t b = 0; b < n_blocks; ++b)
-    bytes += kept_bytes(s.codec, s.bits, std::popcount(block_mask(s, r, b)));
+  const int64_t step = paired_nibbles(s.codec, s.bits) ? 2 : 1;
+  for (int64_t b = 0; b < n_blocks; b += step) {
+    const int c1 = step == 2 && b + 1 < n_blocks ? std::popcount(block_mask(s, r, b + 1)) : 0;
+    bytes += kept_bytes(s.codec, s.bits, std::popcount(block_mask(s, r, b)), c1);
+  }
   return (bytes + 7) / 8 * 8;
 }
 
 void encode_bitmask_row(const Source& s, int64_t r, uint8_t* dst) {
   const int64_t n_blocks = (s.cols + kBlockCols - 1) / kBlockCols;
   uint8_t* v = dst + 8 * n_blocks;
-  uint32_t vals[64];
-  for (int64_t b = 0; b < n_blocks; ++b) {
+  // The kept values of block b in column order; returns their count.
+  const auto kept_values = [&](int64_t b, uint32_t* vals) {
     const uint64_t m = block_mask(s, r, b);
     std::memcpy(dst + 8 * b, &m, 8);
     int c = 0;
@@ -109,18 +116,31 @@ void encode_bitmask_row(const Source& s, int64_t r, uint8_t* dst) {
         const int64_t col = b * kBlockCols + i;
         vals[c++] = s.codec == Codec::Float ? s.bf16[r * s.cols + col] : s.codes[r * s.cols + col];
       }
+    return c;
+  };
+  uint32_t vals[64], vals1[64];
+  if (paired_nibbles(s.codec, s.bits)) {
+    for (int64_t b = 0; b < n_blocks; b += 2) {
+      const int c0 = kept_values(b, vals);
+      const int c1 = b + 1 < n_blocks ? kept_values(b + 1, vals1) : 0;
+      const int n = std::max(c0, c1);
+      for (int k = 0; k < n; ++k)
+        v[k] = static_cast<uint8_t>((k < c0 ? vals[k] : 0u) | (k < c1 ? vals1[k] << 4 : 0u));
+      v += n;
+    }
+    return;
+  }
+  for (int64_t b = 0; b < n_blocks; ++b) {
+    const int c = kept_values(b, vals);
     if (s.codec == Codec::Float) {
       for (int k = 0; k < c; ++k) {
         const auto h = static_cast<uint16_t>(vals[k]);
         std::memcpy(v + 2 * k, &h, 2);
       }
-    } else if (s.bits <= 4) {
-      for (int k = 0; k < c; k += 2)
-        v[k / 2] = static_cast<uint8_t>(vals[k] | (k + 1 < c ? vals[k + 1] << 4 : 0u));
     } else {
       for (int k = 0; k < c; ++k) v[k] = static_cast<uint8_t>(vals[k]);
     }
-    v += kept_bytes(s.codec, s.bits, c);
+    v += kept_bytes(s.codec, s.bits, c, 0);
   }
 }
 
@@ -255,6 +275,9 @@ PackedWeight PackedWeight::clone() const {
   rebase(v.lut);
   rebase(v.lut_q);
   rebase(v.lut_qscale);
+  rebase(v.lut_u8);
+  rebase(v.lut_u8_scale);
+  rebase(v.lut_u8_zero);
   rebase(v.dense);
   rebase(v.perm);
   return c;
@@ -536,10 +559,16 @@ PackedWeight pack_palette(const compress::Palette& pal, int64_t cols, const comp
   v.n_blocks = (cols + kBlockCols - 1) / kBlockCols;
   v.group_rows = pal.group_rows;
   const Packer::Section lc = p.reserve(pal.lut.size() * sizeof(float));
-  // The 16-bit byte-plane tables of the int8-input kernels (byte lookups reach 64 entries).
-  const bool int_tables = pal.bits <= 6;
-  const Packer::Section qc = p.reserve(int_tables ? static_cast<size_t>(n_luts) * 128 : 0);
-  const Packer::Section qs = p.reserve(int_tables ? static_cast<size_t>(n_luts) * sizeof(float) : 0);
+  // The int8-input kernels' tables: 8-bit tables with a zero point for <= 16 entries (one
+  // vpshufb), 16-bit byte planes for 32 or 64 entries (byte lookups reach 64 entries).
+  const bool u8_tables = pal.bits <= 4;
+  const bool int_tables = pal.bits > 4 && pal.bits <= 6;
+  const auto luts = static_cast<size_t>(n_luts);
+  const Packer::Section uc = p.reserve(u8_tables ? luts * 16 : 0);
+  const Packer::Section us = p.reserve(u8_tables ? luts * sizeof(float) : 0);
+  const Packer::Section uz = p.reserve(u8_tables ? luts : 0);
+  const Packer::Section qc = p.reserve(int_tables ? luts * 128 : 0);
+  const Packer::Section qs = p.reserve(int_tables ? luts * sizeof(float) : 0);
   // A table may have no zero entry for pruned weights: masked palettes always use the bitmask.
   p.pack_codes(s, s.keep != nullptr ? Positions::Bitmask : Positions::All);
   std::memcpy(p.at(lc), pal.lut.data(), lc.size);
@@ -562,6 +591,30 @@ PackedWeight pack_palette(const compress::Palette& pal, int64_t cols, const comp
     }
     v.lut_q = planes;
     v.lut_qscale = scales;
+  }
+  if (u8_tables) {
+    uint8_t* tables = p.at(uc);
+    float* scales = reinterpret_cast<float*>(p.at(us));
+    uint8_t* zeros = p.at(uz);
+    for (int64_t t = 0; t < n_luts; ++t) {
+      const float* lut = pal.lut.data() + t * k;
+      // The range holds 0, so that a pruned weight is the zero point exactly.
+      float lo = 0.0f, hi = 0.0f;
+      for (int64_t j = 0; j < k; ++j) {
+        lo = std::min(lo, lut[j]);
+        hi = std::max(hi, lut[j]);
+      }
+      const float sc = hi > lo ? (hi - lo) / 255.0f : 1.0f;
+      const int32_t z = std::clamp(static_cast<int32_t>(std::nearbyint(-lo / sc)), 0, 255);
+      scales[t] = sc;
+      zeros[t] = static_cast<uint8_t>(z);
+      for (int64_t j = 0; j < 16; ++j)
+        tables[t * 16 + j] = static_cast<uint8_t>(
+            j < k ? std::clamp(static_cast<int32_t>(std::nearbyint(lut[j] / sc)) + z, 0, 255) : z);
+    }
+    v.lut_u8 = tables;
+    v.lut_u8_scale = scales;
+    v.lut_u8_zero = zeros;
   }
   p.add_bytes(lc.size);
   if (s.keep != nullptr) {

@@ -50,7 +50,8 @@ inline __m512 bf16_to_f32(__m256i h) {
 template <Codec C, Positions P, int SB>
 class Decoder {
  public:
-  Decoder(const PackedView& p, int64_t r) {
+  Decoder(const PackedView& p, int64_t r)
+      : kept_(P == Positions::All ? p.codes : p.codes + p.row_offsets[r], p.n_blocks) {
     if constexpr (P == Positions::All) {
       cur_ = p.codes + r * p.row_bytes;
     } else {
@@ -81,7 +82,7 @@ class Decoder {
     if constexpr (P == Positions::All) {
       all_block(cur_ + b * 8 * SB, w);
     } else {
-      mask_block(load_u64(masks_ + 8 * b), w);
+      mask_block(b, load_u64(masks_ + 8 * b), w);
     }
   }
 
@@ -145,9 +146,9 @@ class Decoder {
     }
   }
 
-  void mask_block(uint64_t m, __m512 w[4]) {
-    const int c = std::popcount(m);
+  void mask_block(int64_t b, uint64_t m, __m512 w[4]) {
     if constexpr (SB == 16) {  // BF16 values, 32 columns per expand
+      const int c = std::popcount(m);
       const int c0 = std::popcount(static_cast<uint32_t>(m));
       const __m512i v0 = load_in_register(cur_);
       const __m512i v1 = load_in_register(cur_ + 2 * c0);
@@ -159,7 +160,7 @@ class Decoder {
       w[3] = bf16_to_f32(_mm512_extracti64x4_epi64(e1, 1));
       cur_ += 2 * c;
     } else {
-      const __m512i e = _mm512_maskz_expand_epi8(_cvtu64_mask64(m), next_kept_codes<SB>(cur_, c));
+      const __m512i e = _mm512_maskz_expand_epi8(_cvtu64_mask64(m), kept_.next(b));
       const __m128i q[4] = {_mm512_castsi512_si128(e), _mm512_extracti32x4_epi32(e, 1),
                             _mm512_extracti32x4_epi32(e, 2), _mm512_extracti32x4_epi32(e, 3)};
       for (int s = 0; s < 4; ++s) {
@@ -173,8 +174,9 @@ class Decoder {
     }
   }
 
-  const uint8_t* cur_ = nullptr;
+  const uint8_t* cur_ = nullptr;    // Positions::All codes; Bitmask BF16 values
   const uint8_t* masks_ = nullptr;
+  KeptCodes<SB == 4 ? 4 : 8> kept_;  // Bitmask codes
   const float* scales_ = nullptr;
   const uint8_t* zeros_ = nullptr;
   const float* lut_ = nullptr;

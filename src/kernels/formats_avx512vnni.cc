@@ -6,11 +6,14 @@
 //
 //   Int codes      y = Σ_g scale_g · (Σ_{b ∈ g} s_b · Σ code·q  −  zero_g · Σ_{b ∈ g} s_b · Σ q):
 //                  the zero point is subtracted once per group through the input's block sums.
-//   Palettes       each table is held as 16-bit integers Q_j ≈ lut_j / qscale split into two byte
-//                  planes (PackedView::lut_q), looked up with vpermb; Σ Q·q = 256 · Σ hi·q +
-//                  Σ lo·q − 32768 · Σ q, hi = (Q >> 8) + 128 unsigned.
-//   Bitmask        the block's kept codes (nibbles unpacked first) move to their columns with
-//                  vpexpandb; pruned columns take the zero point (Int) or table entry 0 (Palette).
+//   Palettes       tables of <= 16 entries are held as unsigned bytes with a zero point
+//                  (PackedView::lut_u8), looked up with vpshufb, and sum like Int codes; larger
+//                  ones as 16-bit integers Q_j ≈ lut_j / qscale split into two byte planes
+//                  (PackedView::lut_q), looked up with vpermb; Σ Q·q = 256 · Σ hi·q + Σ lo·q −
+//                  32768 · Σ q, hi = (Q >> 8) + 128 unsigned.
+//   Bitmask        the block's kept codes (nibbles: an and, or a shift and an and, per block of
+//                  a pair) move to their columns with vpexpandb; pruned columns take the zero
+//                  point (Int codes, 8-bit tables) or Q = 0 (16-bit tables).
 // The input is quantized per 128 columns, the two 64-column blocks of a pair (2p, 2p + 1), so
 // both blocks' integer dot products are summed in the same lanes and converted to f32 once, with
 // the pair's input scale s_p (and, for Int codes, the group's scale where the pair lies in one
@@ -43,20 +46,16 @@ inline __mmask16 mask16(int64_t n) {
   return _cvtu32_mask16(n >= 16 ? 0xffffu : static_cast<uint32_t>((1u << n) - 1u));
 }
 
-// Reads the codes of one row block by block as 64 unsigned bytes in column order. SB: stored
-// bits per code of Positions::All (2, 3, 4, 8), or of the compact kept values of Bitmask (4:
-// nibbles, 8: bytes). Pruned columns of a Bitmask row take `fill`; `keep` is the block's mask.
+// Reads the codes of one row block after block, in order, as 64 unsigned bytes in column order.
+// SB: stored bits per code of Positions::All (2, 3, 4, 8), or of the compact kept values of
+// Bitmask (4: nibbles, 8: bytes). Pruned columns of a Bitmask row take `fill`; `keep` is the
+// block's mask.
 template <int SB, bool kSparse>
 class CodeReader {
  public:
-  CodeReader(const PackedView& p, int64_t r) {
-    if constexpr (!kSparse) {
-      cur_ = p.codes + r * p.row_bytes;
-    } else {
-      masks_ = p.codes + p.row_offsets[r];
-      cur_ = masks_ + p.n_blocks * 8;
-    }
-  }
+  CodeReader(const PackedView& p, int64_t r)
+      : cur_(kSparse ? nullptr : p.codes + r * p.row_bytes),
+        kept_(kSparse ? p.codes + p.row_offsets[r] : p.codes, p.n_blocks) {}
 
   __m512i block(int64_t b, __m512i fill, __mmask64& keep) {
     if constexpr (!kSparse) {
@@ -83,15 +82,14 @@ class CodeReader {
         return v;
       }
     } else {
-      const uint64_t m = load_u64(masks_ + 8 * b);
-      keep = _cvtu64_mask64(m);
-      return _mm512_mask_expand_epi8(fill, keep, next_kept_codes<SB>(cur_, std::popcount(m)));
+      keep = _cvtu64_mask64(kept_.mask(b));
+      return _mm512_mask_expand_epi8(fill, keep, kept_.next(b));
     }
   }
 
  private:
-  const uint8_t* cur_ = nullptr;
-  const uint8_t* masks_ = nullptr;
+  const uint8_t* cur_;
+  KeptCodes<kSparse ? SB : 8> kept_;  // Bitmask rows only
 };
 
 inline __m512 pair_scale(const QuantizedInput& x, int t, int64_t q) {
@@ -244,41 +242,120 @@ void int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* y, int6
   }
 }
 
-// Palettes of 2..6 bits through the 16-bit byte-plane tables: rows [r0, r1) × T tokens. A pair's
-// sums: d = 256 · Σ hi·q + Σ lo·q over both blocks, scaled once by s_p.
+// Bitmask rows of 4-bit Int codes a pair of blocks at a time, for groups of whole pairs (one
+// group per row, or an even number of blocks per group): the pair's shared nibble bytes give
+// both blocks' kept codes with one load, and each block's codes move to their columns with one
+// vpexpandb, pruned columns taking the group's zero point. Rows [r0, r1) × T tokens.
+template <int T>
+void sparse_int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ldy,
+                           int64_t r0, int64_t r1) {
+  const int64_t nb = p.n_blocks, ng = p.n_groups, np = (nb + 1) / 2;
+  const int64_t ppg = ng == 1 ? np + 1 : p.group_size / kBlockCols / 2;
+  const __m512i zero = _mm512_setzero_si512(), nib = _mm512_set1_epi8(0x0f);
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* masks = p.codes + p.row_offsets[r];
+    const uint8_t* cur = masks + nb * 8;
+    const float* ws = p.scales + r * ng;
+    const uint8_t* zs = p.zeros + r * ng;
+    __m512 acc[T], acc2[T];
+    for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
+    int64_t g = 0, left = ppg;
+    __m512i fill = _mm512_set1_epi8(static_cast<char>(zs[0]));
+    over_pairs<T>(np, acc, acc2, [&](int64_t q, __m512 (&s)[T]) {
+      if (left == 0) {  // the next group (never reached with one group per row)
+        ++g;
+        left = ppg;
+        fill = _mm512_set1_epi8(static_cast<char>(zs[g]));
+      }
+      --left;
+      const int64_t b = 2 * q;
+      const uint64_t m0 = load_u64(masks + 8 * b);
+      const uint64_t m1 = b + 1 < nb ? load_u64(masks + 8 * b + 8) : 0;
+      const __m512i v = load_in_register(cur);
+      cur += std::max(std::popcount(m0), std::popcount(m1));
+      const __m512i c0 = _mm512_mask_expand_epi8(fill, _cvtu64_mask64(m0), _mm512_and_si512(v, nib));
+      const __m512i c1 = _mm512_mask_expand_epi8(fill, _cvtu64_mask64(m1),
+                                                 _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
+      const __m512 wsv = _mm512_set1_ps(ws[g]);
+      for (int t = 0; t < T; ++t) {
+        // A row's odd last block pairs with no block (m1 = 0): the input past the row is 0.
+        const __m512i d = _mm512_dpbusd_epi32(
+            _mm512_dpbusd_epi32(zero, c0, input_block(x, t, b)), c1, input_block(x, t, b + 1));
+        s[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), pair_scale(x, t, q)), wsv,
+                               s[t]);
+      }
+    });
+    finish_int_row(p, x, r, T, acc, acc2, y, ldy);
+  }
+}
+
+// Palettes of 2..4 bits through their 8-bit tables (PackedView::lut_u8): u = table[code] by
+// vpshufb (pruned columns: the zero point), rows [r0, r1) × T tokens. A pair's Σ u·q is scaled
+// once by s_p; y = scale · (Σ − zero · Σ x̂).
 template <int SB, bool kSparse, int T>
+void palette8_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ldy,
+                   int64_t r0, int64_t r1) {
+  const int64_t nb = p.n_blocks, np = (nb + 1) / 2;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t r = r0; r < r1; ++r) {
+    CodeReader<SB, kSparse> rd(p, r);
+    const int64_t tbl = r / p.group_rows;
+    const __m512i tab = _mm512_broadcast_i32x4(
+        _mm_loadu_si128(reinterpret_cast<const __m128i*>(p.lut_u8 + tbl * 16)));
+    const __m512i zp = _mm512_set1_epi8(static_cast<char>(p.lut_u8_zero[tbl]));
+    __m512 acc[T], acc2[T];
+    for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
+    const auto values = [&](int64_t b) {
+      __mmask64 keep;
+      const __m512i c = rd.block(b, zero, keep);
+      if constexpr (kSparse) {
+        return _mm512_mask_shuffle_epi8(zp, keep, tab, c);
+      } else {
+        return _mm512_shuffle_epi8(tab, c);
+      }
+    };
+    over_pairs<T>(np, acc, acc2, [&](int64_t q, __m512 (&s)[T]) {
+      const int64_t b = 2 * q;
+      const __m512i u0 = values(b);
+      __m512i d[T];
+      for (int t = 0; t < T; ++t) d[t] = _mm512_dpbusd_epi32(zero, u0, input_block(x, t, b));
+      if (b + 1 < nb) {
+        const __m512i u1 = values(b + 1);
+        for (int t = 0; t < T; ++t) d[t] = _mm512_dpbusd_epi32(d[t], u1, input_block(x, t, b + 1));
+      }
+      for (int t = 0; t < T; ++t)
+        s[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[t]), pair_scale(x, t, q), s[t]);
+    });
+    const float sc = p.lut_u8_scale[tbl], zf = p.lut_u8_zero[tbl];
+    for (int t = 0; t < T; ++t)
+      y[t * ldy + r] =
+          sc * (_mm512_reduce_add_ps(_mm512_add_ps(acc[t], acc2[t])) - zf * x.group_sum[t]);
+  }
+}
+
+// Palettes of 5..6 bits (codes stored as bytes) through the 16-bit byte-plane tables: rows
+// [r0, r1) × T tokens. A pair's sums: d = 256 · Σ hi·q + Σ lo·q over both blocks, scaled once
+// by s_p.
+template <bool kSparse, int T>
 void palette_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ldy,
                   int64_t r0, int64_t r1) {
   const int64_t nb = p.n_blocks, np = (nb + 1) / 2;
   const __m512i zero = _mm512_setzero_si512();
   const __m512i hi_zero = _mm512_set1_epi8(static_cast<char>(0x80));
   for (int64_t r = r0; r < r1; ++r) {
-    CodeReader<SB, kSparse> rd(p, r);
+    CodeReader<8, kSparse> rd(p, r);
     const int64_t tbl = r / p.group_rows;
-    // Codes of <= 4 bits index 16 entries: the tables' first 16 bytes in every 128-bit lane, for
-    // vpshufb (in-lane, cheaper than vpermb's 64-entry lookup).
-    constexpr bool kShuf = SB <= 4;
-    const __m512i th = kShuf ? _mm512_broadcast_i32x4(_mm_load_si128(
-                                   reinterpret_cast<const __m128i*>(p.lut_q + tbl * 128)))
-                             : _mm512_load_si512(p.lut_q + tbl * 128);
-    const __m512i tl = kShuf ? _mm512_broadcast_i32x4(_mm_load_si128(
-                                   reinterpret_cast<const __m128i*>(p.lut_q + tbl * 128 + 64)))
-                             : _mm512_load_si512(p.lut_q + tbl * 128 + 64);
+    const __m512i th = _mm512_load_si512(p.lut_q + tbl * 128);
+    const __m512i tl = _mm512_load_si512(p.lut_q + tbl * 128 + 64);
     __m512 acc[T], acc2[T];
     for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
     // The two planes' codes of block b.
     const auto planes = [&](int64_t b, __m512i& h, __m512i& l) {
       __mmask64 keep;
       const __m512i c = rd.block(b, zero, keep);
-      if constexpr (kSparse && kShuf) {  // pruned columns: Q = 0
-        h = _mm512_mask_shuffle_epi8(hi_zero, keep, th, c);
-        l = _mm512_maskz_shuffle_epi8(keep, tl, c);
-      } else if constexpr (kSparse) {
+      if constexpr (kSparse) {  // pruned columns: Q = 0
         h = _mm512_mask_permutexvar_epi8(hi_zero, keep, c, th);
         l = _mm512_maskz_permutexvar_epi8(keep, c, tl);
-      } else if constexpr (kShuf) {
-        h = _mm512_shuffle_epi8(th, c);
-        l = _mm512_shuffle_epi8(tl, c);
       } else {
         h = _mm512_permutexvar_epi8(c, th);
         l = _mm512_permutexvar_epi8(c, tl);
@@ -351,6 +428,13 @@ FormatDecodeQ8Fn int_decode_fn(const PackedView& v) {
   return pair_groups ? &int_decode<SB, kSparse, true> : &int_decode<SB, kSparse, false>;
 }
 
+void sparse_int4_pair_decode(const PackedView& p, const QuantizedInput& x, int64_t n_tokens,
+                             float* y, int64_t ldy, int64_t r0, int64_t r1) {
+  for_token_count(n_tokens, [&](auto t) {
+    sparse_int4_pair_rows<decltype(t)::value>(p, x, y, ldy, r0, r1);
+  });
+}
+
 template <bool kSameGroup>
 void int4_pair_decode(const PackedView& p, const QuantizedInput& x, int64_t n_tokens, float* y,
                       int64_t ldy, int64_t r0, int64_t r1) {
@@ -360,10 +444,18 @@ void int4_pair_decode(const PackedView& p, const QuantizedInput& x, int64_t n_to
 }
 
 template <int SB, bool kSparse>
+void palette8_decode(const PackedView& p, const QuantizedInput& x, int64_t n_tokens, float* y,
+                     int64_t ldy, int64_t r0, int64_t r1) {
+  for_token_count(n_tokens, [&](auto t) {
+    palette8_rows<SB, kSparse, decltype(t)::value>(p, x, y, ldy, r0, r1);
+  });
+}
+
+template <bool kSparse>
 void palette_decode(const PackedView& p, const QuantizedInput& x, int64_t n_tokens, float* y,
                     int64_t ldy, int64_t r0, int64_t r1) {
   for_token_count(n_tokens, [&](auto t) {
-    palette_rows<SB, kSparse, decltype(t)::value>(p, x, y, ldy, r0, r1);
+    palette_rows<kSparse, decltype(t)::value>(p, x, y, ldy, r0, r1);
   });
 }
 
@@ -374,7 +466,11 @@ FormatDecodeQ8Fn decode_q8(const PackedView& v) {
   const int sb = sparse ? (v.bits <= 4 ? 4 : 8) : formats::stored_code_bits(v.bits);
   if (v.codec == Codec::Int) {
     if (v.n_groups > 1 && v.group_size % kBlockCols != 0) return nullptr;
-    if (sparse) return sb == 4 ? int_decode_fn<4, true>(v) : int_decode_fn<8, true>(v);
+    if (sparse && sb == 4) {
+      const bool pair_groups = v.n_groups == 1 || (v.group_size / kBlockCols) % 2 == 0;
+      return pair_groups ? &sparse_int4_pair_decode : int_decode_fn<4, true>(v);
+    }
+    if (sparse) return int_decode_fn<8, true>(v);
     switch (sb) {
       case 2: return int_decode_fn<2, false>(v);
       case 3: return int_decode_fn<3, false>(v);
@@ -386,15 +482,16 @@ FormatDecodeQ8Fn decode_q8(const PackedView& v) {
       default: return int_decode_fn<8, false>(v);
     }
   }
-  if (v.codec == Codec::Palette && v.lut_q != nullptr) {
-    if (sparse) return sb == 4 ? &palette_decode<4, true> : &palette_decode<8, true>;
+  if (v.codec == Codec::Palette && v.lut_u8 != nullptr) {
+    if (sparse) return &palette8_decode<4, true>;
     switch (sb) {
-      case 2: return &palette_decode<2, false>;
-      case 3: return &palette_decode<3, false>;
-      case 4: return &palette_decode<4, false>;
-      default: return &palette_decode<8, false>;
+      case 2: return &palette8_decode<2, false>;
+      case 3: return &palette8_decode<3, false>;
+      default: return &palette8_decode<4, false>;
     }
   }
+  if (v.codec == Codec::Palette && v.lut_q != nullptr)
+    return sparse ? &palette_decode<true> : &palette_decode<false>;
   return nullptr;
 }
 

@@ -82,17 +82,29 @@ class RowDecoder {
       cur_ += 2 * c;
       return;
     }
+    // Nibbles: blocks 2p and 2p + 1 share max(c_2p, c_2p+1) bytes, low and high nibbles.
     const bool nibbles = p_.bits <= 4;
+    const uint8_t* src = cur_;
+    int shift = 0;
+    if (!nibbles) {
+      cur_ += c;
+    } else if (b % 2 == 0) {
+      pair_ = cur_;
+      const int c1 = b + 1 < p_.n_blocks ? std::popcount(load_u64(masks_ + (b + 1) * 8)) : 0;
+      cur_ += c > c1 ? c : c1;
+    } else {
+      src = pair_;
+      shift = 4;
+    }
     for (int i = 0; i < kBlockCols; ++i) {
       if (!((m >> i) & 1u)) {
         out[i] = 0.0f;
         continue;
       }
-      const uint32_t code = !nibbles ? cur_[k] : (cur_[k / 2] >> (4 * (k & 1))) & 15u;
+      const uint32_t code = !nibbles ? src[k] : (src[k] >> shift) & 15u;
       out[i] = value(c0 + i, code);
       ++k;
     }
-    cur_ += nibbles ? (c + 1) / 2 : c;
   }
 
  private:
@@ -105,6 +117,7 @@ class RowDecoder {
   const PackedView& p_;
   const uint8_t* cur_ = nullptr;
   const uint8_t* masks_ = nullptr;
+  const uint8_t* pair_ = nullptr;  // Bitmask nibbles: the bytes of the current pair of blocks
   int64_t block_bytes_ = 0;
   const float* scales_ = nullptr;
   const uint8_t* zeros_ = nullptr;

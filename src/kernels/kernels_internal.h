@@ -10,6 +10,7 @@
 #endif
 
 #include <algorithm>
+#include <bit>
 
 #include "sparsa/core/dtype.h"
 #include "sparsa/core/thread_pool.h"
@@ -48,29 +49,42 @@ inline __m512i load_in_register(const void* p) {
 #endif
 
 #if defined(__AVX512VBMI__)
-// The 64 nibbles at p (byte k = n[2k] | n[2k + 1] << 4) as 64 bytes: byte k widens to word k,
-// and (w | w << 4) & 0x0f0f leaves n[2k] in its low byte and n[2k + 1] in its high byte (on Zen 4
-// this is cheaper than a vpermd and a vpmultishiftqb).
-inline __m512i spread_nibbles(const uint8_t* p) {
-  const __m512i w = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_ternarylogic_epi32(w, _mm512_slli_epi16(w, 4), _mm512_set1_epi16(0x0f0f), 0xa8);
-}
-
-// The c kept codes of one Bitmask block at cur, as bytes in order (SB = 4: nibbles, 8: bytes; the
-// lanes past c hold whatever follows), and cur moved past them.
+// The kept codes of a Positions::Bitmask row (sparsa/formats/packed_weight.h), block after block
+// in order: next(b) gives block b's codes as bytes in order (the lanes past its count hold
+// whatever follows). SB = 4: blocks 2p and 2p + 1 share their bytes as low and high nibbles, so
+// an even block loads the pair and masks the low nibbles, and the odd one shifts the same
+// register; SB = 8: one byte per code.
 template <int SB>
-inline __m512i next_kept_codes(const uint8_t*& cur, int c) {
+class KeptCodes {
   static_assert(SB == 4 || SB == 8);
-  if constexpr (SB == 4) {
-    const __m512i v = spread_nibbles(cur);
-    cur += (c + 1) / 2;
-    return v;
-  } else {
-    const __m512i v = load_in_register(cur);
-    cur += c;
-    return v;
+
+ public:
+  KeptCodes(const uint8_t* masks, int64_t n_blocks)
+      : cur_(masks + n_blocks * 8), masks_(masks), n_blocks_(n_blocks) {}
+
+  uint64_t mask(int64_t b) const { return load_u64(masks_ + 8 * b); }
+
+  __m512i next(int64_t b) {
+    if constexpr (SB == 4) {
+      const __m512i nib = _mm512_set1_epi8(0x0f);
+      if (b % 2 == 1) return _mm512_and_si512(_mm512_srli_epi16(pair_, 4), nib);
+      pair_ = load_in_register(cur_);
+      const int c1 = b + 1 < n_blocks_ ? std::popcount(mask(b + 1)) : 0;
+      cur_ += std::max(std::popcount(mask(b)), c1);
+      return _mm512_and_si512(pair_, nib);
+    } else {
+      const __m512i v = load_in_register(cur_);
+      cur_ += std::popcount(mask(b));
+      return v;
+    }
   }
-}
+
+ private:
+  const uint8_t* cur_;
+  const uint8_t* masks_;
+  int64_t n_blocks_;
+  __m512i pair_ = _mm512_setzero_si512();
+};
 #endif
 
 /// Below this many weights a decode call is too short to be worth waking the other threads.
