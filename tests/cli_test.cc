@@ -149,7 +149,47 @@ TEST_F(CliTest, Bf16KvCacheOnGenerateAndBench) {
   EXPECT_EQ(j["kv_bytes_per_token"].get<int64_t>(), static_cast<int64_t>(2 * 2 * 64 * 2 * 18.5));
   r = run("generate " + quote(testing::tiny_model_dir()) + " -p hi --kv-cache f16");
   EXPECT_NE(r.code, 0);
-  EXPECT_NE(r.out.find("--kv-cache: f16 not in {f32,bf16}"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("--kv-cache: f16 not in {f32,bf16,int8}"), std::string::npos) << r.out;
+}
+
+// --kv-cache int8: tiny's greedy text is unchanged, bench counts one byte per cached element plus
+// a 4-byte scale per token and kv head for keys and for values, and the other commands take it.
+TEST_F(CliTest, Int8KvCacheOnGenerateBenchAndEval) {
+  const json ref = json::parse(read_text_file(testing::fixtures_dir() + "/tiny.json"));
+  const auto& p = ref["prompts"][0];
+  CliRun r =
+      run("generate " + quote(testing::tiny_model_dir()) + " -p " +
+          quote(p["text"].get<std::string>()) + " -n 32 --ignore-eos --threads 2 --kv-cache int8");
+  ASSERT_EQ(r.code, 0) << r.out;
+  EXPECT_EQ(r.out.rfind(p["greedy_text"].get<std::string>() + "\n", 0), 0u) << r.out;
+  r = run("bench " + quote(testing::tiny_model_dir()) +
+          " --threads 1 --prompt-tokens 16 --decode-tokens 4 --repetitions 1 --bandwidth-mb 16 "
+          "--kv-cache int8 --json");
+  ASSERT_EQ(r.code, 0) << r.out;
+  const json j = json::parse(r.out);
+  EXPECT_EQ(j["kv_cache"], "int8");
+  // tiny: 2 layers × 2 kv heads × (32 codes + a 4-byte scale) for keys and for values, times
+  // 16 + (4 + 1) / 2 = 18.5 positions on average.
+  EXPECT_EQ(j["kv_bytes_per_token"].get<int64_t>(),
+            static_cast<int64_t>(2 * 2 * 2 * (32 + 4) * 18.5));
+  // eval: the same windows, a perplexity near the f32 cache's but not equal to it.
+  const fs::path txt = dir_ / "doc.txt";
+  std::string text;
+  for (int i = 0; i < 20; ++i) text += "Memory barriers order the loads and stores of a core. ";
+  write(txt, text);
+  const std::string eval = "eval " + quote(testing::tiny_model_dir()) + " --data " +
+                           quote(txt.string()) + " --ctx 64 --threads 2 --json";
+  const CliRun e32 = run(eval), e8 = run(eval + " --kv-cache int8");
+  ASSERT_EQ(e32.code, 0) << e32.out;
+  ASSERT_EQ(e8.code, 0) << e8.out;
+  const json j32 = json::parse(e32.out.substr(e32.out.find('{')));
+  const json j8 = json::parse(e8.out.substr(e8.out.find('{')));
+  EXPECT_EQ(j8["tokens"], j32["tokens"]);
+  EXPECT_NEAR(j8["ppl"].get<double>() / j32["ppl"].get<double>(), 1.0, 1e-2);
+  EXPECT_NE(j8["ppl"].get<double>(), j32["ppl"].get<double>());
+  r = run("generate " + quote(testing::tiny_model_dir()) + " -p hi --kv-cache q8");
+  EXPECT_NE(r.code, 0);
+  EXPECT_NE(r.out.find("--kv-cache: q8 not in {f32,bf16,int8}"), std::string::npos) << r.out;
 }
 
 TEST_F(CliTest, InitRandomWritesALoadableCheckpoint) {

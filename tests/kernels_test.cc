@@ -320,7 +320,40 @@ TEST(LinearArgs, RejectsBadArguments) {
                "pointer is null");
   s.kv_dtype = DType::F16;
   expect_error([&] { attention(s, buf.data(), 16, buf.data(), buf.data(), 8, y.data(), 16, pool); },
-               "a KV cache of F16 is not supported (expected F32 or BF16)");
+               "a KV cache of F16 is not supported (expected F32, BF16 or I8)");
+  s.kv_dtype = DType::I8;
+  expect_error([&] { attention(s, buf.data(), 16, buf.data(), buf.data(), 8, y.data(), 16, pool); },
+               "an I8 KV cache needs its key and value scales (k_scales null, v_scales null)");
+  s.k_scales = buf.data();
+  s.v_scales = buf.data();
+  s.pos0 = 3;
+  s.ld_scales = 3;
+  expect_error([&] { attention(s, buf.data(), 16, buf.data(), buf.data(), 8, y.data(), 16, pool); },
+               "ld_scales = 3 is less than the 4 keys");
+}
+
+// Symmetric int8 rows as an I8 cache holds them: per (token, kv head) row of d values,
+// scale = max |x| / 127 and code = round(x / scale); scales [n_kv_heads][ld_scales].
+struct Int8Cache {
+  std::vector<int8_t> codes;
+  std::vector<float> scales;
+};
+Int8Cache quantize_cache(const std::vector<float>& x, int64_t n_keys, int64_t ld, int n_kv_heads,
+                         int d, int64_t ld_scales) {
+  Int8Cache c{std::vector<int8_t>(x.size()),
+              std::vector<float>(static_cast<size_t>(n_kv_heads * ld_scales), -1.0f)};
+  for (int64_t j = 0; j < n_keys; ++j)
+    for (int h = 0; h < n_kv_heads; ++h) {
+      const float* row = x.data() + j * ld + int64_t{h} * d;
+      float amax = 0.0f;
+      for (int i = 0; i < d; ++i) amax = std::max(amax, std::abs(row[i]));
+      const float scale = amax / 127.0f;
+      c.scales[static_cast<size_t>(h * ld_scales + j)] = scale;
+      for (int i = 0; i < d; ++i)
+        c.codes[static_cast<size_t>(j * ld + int64_t{h} * d + i)] =
+            static_cast<int8_t>(scale == 0.0f ? 0 : std::lround(row[i] / scale));
+    }
+  return c;
 }
 
 struct AttentionCase {
@@ -336,10 +369,11 @@ void PrintTo(const AttentionCase& c, std::ostream* os) {
 
 class AttentionTest : public ::testing::TestWithParam<AttentionCase> {};
 
-// The cache in f32 and in bf16: the kernels widen bf16 keys and values as they read them, so
-// against the reference over the same rounded values the tolerance is the f32 one.
+// The cache in f32, bf16 and int8: the kernels widen bf16 keys and values and int8 codes as they
+// read them (and apply an int8 cache's scales to the scores and softmax weights), so against the
+// reference over the same rounded or quantized values the tolerance is the f32 one.
 TEST_P(AttentionTest, MatchesReference) {
-  for (DType kv : {DType::F32, DType::BF16}) {
+  for (DType kv : {DType::F32, DType::BF16, DType::I8}) {
     SCOPED_TRACE(std::string("kv cache ") + std::string(dtype_name(kv)));
     const AttentionCase& c = GetParam();
     AttentionShape s;
@@ -362,21 +396,40 @@ TEST_P(AttentionTest, MatchesReference) {
       k16[i] = f32_to_bf16(k32[i]);
       v16[i] = f32_to_bf16(v32[i]);
     }
-    const void* k = kv == DType::BF16 ? static_cast<const void*>(k16.data()) : k32.data();
-    const void* v = kv == DType::BF16 ? static_cast<const void*>(v16.data()) : v32.data();
+    // int8: the scales in rows of an odd stride; key 0 of kv head 0 is all zero (scale 0).
+    const int64_t ld_scales = n_keys + 3;
+    std::vector<float> k32z = k32;
+    std::fill_n(k32z.begin(), c.head_dim, 0.0f);
+    const Int8Cache k8 = quantize_cache(k32z, n_keys, ldkv, c.n_kv_heads, c.head_dim, ld_scales);
+    const Int8Cache v8 = quantize_cache(v32, n_keys, ldkv, c.n_kv_heads, c.head_dim, ld_scales);
+    ASSERT_EQ(k8.scales[0], 0.0f);
+    const void* k = k32.data();
+    const void* v = v32.data();
+    if (kv == DType::BF16) {
+      k = k16.data();
+      v = v16.data();
+    } else if (kv == DType::I8) {
+      k = k8.codes.data();
+      v = v8.codes.data();
+      s.k_scales = k8.scales.data();
+      s.v_scales = v8.scales.data();
+      s.ld_scales = ld_scales;
+    }
     std::vector<float> ref(static_cast<size_t>(c.n_q * ldo));
     reference::attention(s, q.data(), ldq, k, v, ldkv, ref.data(), ldo);
-    if (kv == DType::BF16) {
-      // The reference reads the bf16 cache too: it differs from the f32 one's by the rounding.
+    if (kv != DType::F32) {
+      // The reference reads the bf16 or int8 cache too: it differs from the f32 one's by the
+      // rounding (int8: up to a half step of max |x| / 127 per element).
       std::vector<float> exact(ref.size());
       AttentionShape s32 = s;
       s32.kv_dtype = DType::F32;
-      reference::attention(s32, q.data(), ldq, k32.data(), v32.data(), ldkv, exact.data(), ldo);
+      const float* k_exact = kv == DType::I8 ? k32z.data() : k32.data();
+      reference::attention(s32, q.data(), ldq, k_exact, v32.data(), ldkv, exact.data(), ldo);
       double diff = 0;
       for (size_t i = 0; i < ref.size(); ++i)
         diff = std::max(diff, std::abs(double{ref[i]} - exact[i]));
       EXPECT_GT(diff, 0.0);
-      EXPECT_LT(diff, 2e-2);
+      EXPECT_LT(diff, kv == DType::I8 ? 5e-2 : 2e-2);
     }
 
     const int64_t width = int64_t{c.n_heads} * c.head_dim;

@@ -9,6 +9,8 @@
 #include <filesystem>
 #include <fstream>
 #include <nlohmann/json.hpp>
+#include <random>
+#include <vector>
 
 #include "sparsa/core/error.h"
 #include "sparsa/core/mapped_file.h"
@@ -47,8 +49,11 @@ Reference load_reference(const std::string& name) {
 }
 
 // kv: the KV cache's element type. With a bf16 cache the keys and values are rounded (relative
-// error up to 2^-9), which moves the logits by more than f32's 1e-3: `tol` says how much.
-void check_logits(const std::string& name, DType kv = DType::F32, double tol = 1e-3) {
+// error up to 2^-9), with an int8 one quantized (error up to max |x| / 254 in each head's row),
+// which moves the logits by more than f32's 1e-3: `tol` says how much.
+// `lower`: the least the worst difference must reach with a rounded cache.
+void check_logits(const std::string& name, DType kv = DType::F32, double tol = 1e-3,
+                  double lower = 1e-3) {
   const Reference ref = load_reference(name);
   auto model = model::Model::load(ref.model_dir);
   ThreadPool pool(2);
@@ -73,8 +78,8 @@ void check_logits(const std::string& name, DType kv = DType::F32, double tol = 1
   std::printf("%s (%s KV cache): max |logit - reference| over %zu prompts: %.3g\n", name.c_str(),
               std::string(dtype_name(kv)).c_str(), ref.meta["prompts"].size(), worst);
   // The rounding is really there (an f32 cache would stay within 1e-4).
-  if (kv == DType::BF16) {
-    EXPECT_GT(worst, 1e-3) << name;
+  if (kv != DType::F32) {
+    EXPECT_GT(worst, lower) << name;
   }
 }
 
@@ -117,6 +122,12 @@ TEST(ModelTiny, GreedyMatchesReference) { check_greedy("tiny"); }
 // greedy text is unchanged (small's changes on a near tie in one prompt).
 TEST(ModelTiny, Bf16KvCacheLogitsNearReference) { check_logits("tiny", DType::BF16, 0.15); }
 TEST(ModelTiny, Bf16KvCacheGreedyMatchesReference) { check_greedy("tiny", DType::BF16); }
+// An int8 cache moved the logits of tiny by 0.141 at most and those of small by 0.267: the
+// tolerances leave about twice that, and the lower bounds (above what bf16 moves them by) show
+// the keys and values really went through int8.
+TEST(ModelTiny, Int8KvCacheLogitsNearReference) { check_logits("tiny", DType::I8, 0.3, 0.06); }
+// tiny's greedy text is unchanged (small's departs from the reference in two of its six prompts).
+TEST(ModelTiny, Int8KvCacheGreedyMatchesReference) { check_greedy("tiny", DType::I8); }
 
 void check_incremental_decode(DType kv) {
   auto model = model::Model::load(testing::tiny_model_dir());
@@ -142,6 +153,11 @@ TEST(ModelTiny, IncrementalDecodeEqualsFullForward) { check_incremental_decode(D
 TEST(ModelTiny, Bf16KvCacheIncrementalDecodeEqualsFullForward) {
   check_incremental_decode(DType::BF16);
 }
+// Each (token, kv head) row is quantized alone, once final: a token's codes and scales are the
+// same whether it came in a prefill or a decode step, so the f32 tolerance holds for int8 too.
+TEST(ModelTiny, Int8KvCacheIncrementalDecodeEqualsFullForward) {
+  check_incremental_decode(DType::I8);
+}
 
 template <class F>
 void expect_error(F&& f, const std::string& part) {
@@ -156,7 +172,7 @@ void expect_error(F&& f, const std::string& part) {
 TEST(ModelTiny, KvCacheRejectsOtherTypesAndF32AccessToBf16) {
   const auto cfg = io::ModelConfig::from_dir(testing::tiny_model_dir());
   expect_error([&] { model::KvCache c(cfg, 8, DType::F16); },
-                        "a KV cache of F16 is not supported (expected F32 or BF16)");
+               "a KV cache of F16 is not supported (expected F32, BF16 or I8)");
   model::KvCache c(cfg, 8, DType::BF16);
   EXPECT_EQ(c.dtype(), DType::BF16);
   EXPECT_EQ(c.layer(0).dtype, DType::BF16);
@@ -171,6 +187,89 @@ TEST(ModelTiny, KvCacheRejectsOtherTypesAndF32AccessToBf16) {
   EXPECT_EQ(vh[c.row_stride() - 1], f32_to_bf16(-3.0f));
   expect_error([&] { c.write(0, 8, k.data(), v.data(), 1, c.row_stride()); },
                         "do not fit the cache");
+}
+
+// quantize_kv_row: the largest magnitude becomes ±127, every value comes back within half a step
+// (scale / 2), ties round to even, and an all-zero row is scale 0 with codes 0.
+TEST(KvQuantizer, MaxMapsTo127AndValuesComeBackWithinHalfAStep) {
+  std::mt19937 rng(7);
+  for (float range : {1e-6f, 0.03f, 1.0f, 250.0f}) {
+    std::uniform_real_distribution<float> dist(-range, range);
+    for (int n : {1, 5, 32, 64, 128}) {
+      std::vector<float> x(static_cast<size_t>(n));
+      for (float& f : x) f = dist(rng);
+      // The largest magnitude is negative in half the rows.
+      size_t top = 0;
+      for (size_t i = 0; i < x.size(); ++i)
+        if (std::abs(x[i]) > std::abs(x[top])) top = i;
+      if (n % 2 == 1) x[top] = -std::abs(x[top]);
+      std::vector<int8_t> q(x.size(), 99);
+      const float scale = model::quantize_kv_row(x.data(), n, q.data());
+      EXPECT_FLOAT_EQ(scale, std::abs(x[top]) / 127.0f) << "range " << range << " n " << n;
+      EXPECT_EQ(q[top], x[top] < 0 ? -127 : 127) << "range " << range << " n " << n;
+      for (size_t i = 0; i < x.size(); ++i) {
+        EXPECT_GE(q[i], -127);
+        // Half a step, up to the rounding of x / scale in f32.
+        EXPECT_LE(std::abs(static_cast<double>(q[i]) * scale - x[i]), 0.5 * scale * (1 + 1e-5))
+            << "range " << range << " n " << n << " x " << x[i] << " code " << int{q[i]};
+      }
+    }
+  }
+  // Scale exactly 1: x / scale is exact, and halves round to even.
+  const std::vector<float> ties = {127.0f, 0.5f, 1.5f, 2.5f, -2.5f, -3.5f, 126.5f, -0.49f};
+  std::vector<int8_t> q(ties.size());
+  EXPECT_EQ(model::quantize_kv_row(ties.data(), static_cast<int64_t>(ties.size()), q.data()), 1.0f);
+  EXPECT_EQ(q, (std::vector<int8_t>{127, 0, 2, 2, -2, -4, 126, 0}));
+  const std::vector<float> zero(64, 0.0f);
+  std::vector<int8_t> qz(zero.size(), 5);
+  EXPECT_EQ(model::quantize_kv_row(zero.data(), 64, qz.data()), 0.0f);
+  EXPECT_EQ(qz, std::vector<int8_t>(64, 0));
+}
+
+// An int8 cache quantizes each (token, kv head) row as it is written and exposes its codes and
+// per-head scales through layer(); F32 access is refused; truncate and clear keep the rows.
+TEST(ModelTiny, Int8KvCacheHoldsCodesAndScalesPerTokenAndHead) {
+  const auto cfg = io::ModelConfig::from_dir(testing::tiny_model_dir());
+  model::KvCache c(cfg, 8, DType::I8);
+  EXPECT_EQ(c.dtype(), DType::I8);
+  EXPECT_EQ(model::KvCache::bytes_per_token(cfg, DType::I8),
+            2 * cfg.num_layers * cfg.num_kv_heads * (cfg.head_dim + 4));
+  expect_error([&] { c.keys(0); }, "KvCache::keys: the cache holds I8, not F32");
+  expect_error([&] { c.values(1); }, "KvCache::values: the cache holds I8, not F32");
+  const int64_t row = c.row_stride(), hd = cfg.head_dim;
+  ASSERT_EQ(row, cfg.num_kv_heads * hd);
+  ASSERT_GE(cfg.num_kv_heads, 2);
+  // Head 0 of the keys ramps up to 2 at its last value, head 1 is all zero; the values are -0.5
+  // and 4 everywhere.
+  std::vector<float> k(static_cast<size_t>(row), 0.0f), v(static_cast<size_t>(row));
+  for (int64_t i = 0; i < hd; ++i)
+    k[static_cast<size_t>(i)] = 2.0f * static_cast<float>(i + 1) / hd;
+  for (int64_t i = 0; i < row; ++i) v[static_cast<size_t>(i)] = i < hd ? -0.5f : 4.0f;
+  c.write(1, 3, k.data(), v.data(), 1, row);
+  const model::KvLayer l = c.layer(1);
+  EXPECT_EQ(l.dtype, DType::I8);
+  ASSERT_NE(l.k_scales, nullptr);
+  ASSERT_NE(l.v_scales, nullptr);
+  EXPECT_EQ(l.ld_scales, c.capacity());
+  const auto* kq = static_cast<const int8_t*>(l.k) + 3 * row;
+  const auto* vq = static_cast<const int8_t*>(l.v) + 3 * row;
+  EXPECT_FLOAT_EQ(l.k_scales[0 * l.ld_scales + 3], 2.0f / 127);
+  EXPECT_EQ(l.k_scales[1 * l.ld_scales + 3], 0.0f);
+  EXPECT_FLOAT_EQ(l.v_scales[0 * l.ld_scales + 3], 0.5f / 127);
+  EXPECT_FLOAT_EQ(l.v_scales[1 * l.ld_scales + 3], 4.0f / 127);
+  EXPECT_EQ(kq[hd - 1], 127);
+  EXPECT_EQ(kq[hd], 0);
+  EXPECT_EQ(kq[row - 1], 0);
+  EXPECT_EQ(vq[0], -127);
+  EXPECT_EQ(vq[row - 1], 127);
+  for (int64_t i = 0; i < hd; ++i)
+    EXPECT_NEAR(kq[i] * l.k_scales[3], k[static_cast<size_t>(i)], 0.5 * 2.0 / 127 + 1e-6);
+  c.advance(4);
+  c.truncate(2);
+  EXPECT_EQ(c.size(), 2);
+  c.clear();
+  EXPECT_EQ(c.size(), 0);
+  expect_error([&] { c.write(0, 7, k.data(), v.data(), 2, row); }, "do not fit the cache");
 }
 
 TEST(ModelTiny, WeightsReadIntoMemoryGiveTheSameLogitsAsMapped) {
@@ -292,6 +391,11 @@ TEST(ModelSmall, Bf16KvCacheLogitsNearReference) {
   check_logits("small", DType::BF16, 0.15);
 }
 
+TEST(ModelSmall, Int8KvCacheLogitsNearReference) {
+  SPARSA_REQUIRE_SHARED();
+  check_logits("small", DType::I8, 0.5, 0.1);
+}
+
 // Perplexity is what the rounding must not move: over the first 32 windows (16 k tokens) of the
 // validation set, a bf16 cache stays within 0.1% of the f32 one (the whole set: 14.7431 against
 // the reference's 14.7433).
@@ -309,6 +413,24 @@ TEST(ModelSmall, Bf16KvCachePerplexityNearF32) {
   EXPECT_NEAR(bf16.ppl / f32.ppl, 1.0, 1e-3) << "f32 " << f32.ppl << ", bf16 " << bf16.ppl;
   EXPECT_NE(bf16.ppl, f32.ppl);
   std::printf("small, 32 windows: perplexity %.5f (f32 KV cache), %.5f (bf16)\n", f32.ppl, bf16.ppl);
+}
+
+// The same for an int8 cache: over the first 32 windows, 7.71113 against f32's 7.70766 (+0.045%);
+// the whole set: 14.7471 against the reference's 14.7433 (+0.026%).
+TEST(ModelSmall, Int8KvCachePerplexityNearF32) {
+  SPARSA_REQUIRE_SHARED();
+  const std::string dir = testing::shared_dir() + "/models/small";
+  auto model = model::Model::load(dir);
+  const Tokenizer tok = Tokenizer::from_file(dir + "/tokenizer.json");
+  ThreadPool pool(2);
+  const auto docs = io::read_documents(testing::shared_dir() + "/data/valid.jsonl");
+  const auto tokens = tokenize_corpus(tok, docs, model->config().eos_token_ids.at(0));
+  const auto f32 = perplexity(*model, tokens, 512, pool, {}, 32, DType::F32);
+  const auto i8 = perplexity(*model, tokens, 512, pool, {}, 32, DType::I8);
+  EXPECT_EQ(i8.tokens_scored, f32.tokens_scored);
+  EXPECT_NEAR(i8.ppl / f32.ppl, 1.0, 1e-3) << "f32 " << f32.ppl << ", int8 " << i8.ppl;
+  EXPECT_NE(i8.ppl, f32.ppl);
+  std::printf("small, 32 windows: perplexity %.5f (f32 KV cache), %.5f (int8)\n", f32.ppl, i8.ppl);
 }
 
 TEST(ModelSmall, PerplexityMatchesReferenceSlow) {

@@ -77,6 +77,7 @@ void check_batch_forward(DType kv) {
 
 TEST(BatchForward, MixedPrefillAndDecodeEqualPerSequenceForward) { check_batch_forward(DType::F32); }
 TEST(BatchForward, Bf16KvCacheEqualsPerSequenceForward) { check_batch_forward(DType::BF16); }
+TEST(BatchForward, Int8KvCacheEqualsPerSequenceForward) { check_batch_forward(DType::I8); }
 
 struct Collected {
   std::mutex m;
@@ -181,6 +182,9 @@ TEST(Scheduler, ContinuousBatchingEqualsSequentialGeneration) {
 }
 TEST(Scheduler, Bf16KvCacheContinuousBatchingEqualsSequentialGeneration) {
   check_continuous_batching(DType::BF16);
+}
+TEST(Scheduler, Int8KvCacheContinuousBatchingEqualsSequentialGeneration) {
+  check_continuous_batching(DType::I8);
 }
 
 pipeline::PipelineOptions tiny_options(int slots, int queue) {

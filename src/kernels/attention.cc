@@ -16,12 +16,22 @@ void attention_isa(Isa isa, const AttentionShape& s, const float* q, int64_t ldq
                "attention: {} query heads cannot be grouped over {} kv heads", s.n_heads,
                s.n_kv_heads);
   SPARSA_CHECK(s.head_dim > 0, "attention: head_dim = {} must be positive", s.head_dim);
-  SPARSA_CHECK(s.kv_dtype == DType::F32 || s.kv_dtype == DType::BF16,
-               "attention: a KV cache of {} is not supported (expected F32 or BF16)",
+  SPARSA_CHECK(s.kv_dtype == DType::F32 || s.kv_dtype == DType::BF16 || s.kv_dtype == DType::I8,
+               "attention: a KV cache of {} is not supported (expected F32, BF16 or I8)",
                dtype_name(s.kv_dtype));
   if (s.n_q == 0) return;
   SPARSA_CHECK(q != nullptr && k != nullptr && v != nullptr && out != nullptr,
                "attention: a query, key, value or output pointer is null");
+  if (s.kv_dtype == DType::I8) {
+    SPARSA_CHECK(s.k_scales != nullptr && s.v_scales != nullptr,
+                 "attention: an I8 KV cache needs its key and value scales (k_scales {}, "
+                 "v_scales {})",
+                 s.k_scales == nullptr ? "null" : "given",
+                 s.v_scales == nullptr ? "null" : "given");
+    SPARSA_CHECK(s.ld_scales >= s.pos0 + s.n_q,
+                 "attention: the scale row stride ld_scales = {} is less than the {} keys",
+                 s.ld_scales, s.pos0 + s.n_q);
+  }
   const int64_t qw = int64_t{s.n_heads} * s.head_dim;
   const int64_t kvw = int64_t{s.n_kv_heads} * s.head_dim;
   SPARSA_CHECK(ldq >= qw && ldo >= qw,

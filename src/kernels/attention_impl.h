@@ -8,8 +8,12 @@
 //   O = P V / sum      register-tiled OR rows × OV vectors of head dims, V read in place
 // Scores of a row over all its keys fit in the thread's scratch (rows × keys floats).
 //
-// The cache holds f32 or bf16 (E = float or uint16_t); bf16 rows are widened to f32 as they are
-// loaded, and all arithmetic is f32 either way.
+// The cache holds f32, bf16 or int8 codes (E = float, uint16_t or int8_t); bf16 and int8 rows are
+// widened to f32 as they are loaded, and all arithmetic is f32. An int8 cache's scales (one per
+// key and kv head, for keys and values apart) stay out of the dot products: S is computed over
+// the key codes and each score multiplied by its key's scale before the softmax, and each
+// softmax weight is multiplied by its value's scale before the P·V product over the value codes
+// (the row's normalizing sum is of the weights before that multiplication).
 #pragma once
 
 #include <cmath>
@@ -33,30 +37,24 @@ inline constexpr int kKeyBlock = 256;
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
+// The cache's element type as a DType: float F32, uint16_t BF16, int8_t I8 (codes).
+template <class E>
+inline constexpr DType kKvType = std::is_same_v<E, float>    ? DType::F32
+                                 : std::is_same_v<E, int8_t> ? DType::I8
+                                                             : DType::BF16;
+
 // One cache element, or kLanes of them, as f32.
 template <class E>
 inline float kv_at(const E* p) {
-  if constexpr (std::is_same_v<E, float>) {
-    return *p;
-  } else {
-    return bf16_bits_to_f32(*p);
-  }
+  return weight_to_f32<kKvType<E>>(*p);
 }
 template <class V, class E>
 inline typename V::Reg kv_load(const E* p) {
-  if constexpr (std::is_same_v<E, float>) {
-    return V::load(p);
-  } else {
-    return V::template load_w<DType::BF16>(p);
-  }
+  return V::template load_w<kKvType<E>>(p);
 }
 template <class V, class E>
 inline typename V::Reg kv_load_partial(const E* p, int n) {
-  if constexpr (std::is_same_v<E, float>) {
-    return V::load_partial(p, n);
-  } else {
-    return V::template load_w_partial<DType::BF16>(p, n);
-  }
+  return V::template load_w_partial<kKvType<E>>(p, n);
 }
 
 // kt[dd * ldkt + j] = k[j * ldk + dd] for dd < d, j < n; columns n .. n_pad - 1 are zero.
@@ -168,30 +166,52 @@ void pv_rows(int m, int width, int64_t n_keys, const float* p, int64_t ldp, cons
   pv_width<V, M, OV>(width, n_keys, p, ldp, v, ldv, out, dc, inv);
 }
 
-// s[0, len) becomes exp(s - max s); returns 1 / sum.
-template <class V>
-float softmax_row(float* s, int64_t len) {
+// s[0, len) becomes exp(s - max s); returns 1 / sum. Scaled (an int8 cache): the scores are of
+// the key codes, so s_j is first multiplied by its key's scale ks[j]; the weights leave as
+// exp(s_j - max) · vs[j], ready for a P·V over the value codes, and 1 / sum is of the unscaled
+// weights.
+template <class V, bool Scaled>
+float softmax_row(float* s, int64_t len, const float* ks, const float* vs) {
   using Reg = typename V::Reg;
   constexpr int L = V::kLanes;
   const int64_t full = len / L * L;
   float mx = -std::numeric_limits<float>::infinity();
   if (full > 0) {
-    Reg m = V::load(s);
-    for (int64_t j = L; j < full; j += L) m = V::max(m, V::load(s + j));
+    Reg m = V::set1(mx);
+    for (int64_t j = 0; j < full; j += L) {
+      Reg x = V::load(s + j);
+      if constexpr (Scaled) {
+        x = V::mul(x, V::load(ks + j));
+        V::store(s + j, x);
+      }
+      m = V::max(m, x);
+    }
     mx = V::reduce_max(m);
   }
-  for (int64_t j = full; j < len; ++j) mx = s[j] > mx ? s[j] : mx;
+  for (int64_t j = full; j < len; ++j) {
+    if constexpr (Scaled) s[j] *= ks[j];
+    mx = s[j] > mx ? s[j] : mx;
+  }
   const Reg mv = V::set1(mx);
   Reg sum = V::zero();
   for (int64_t j = 0; j < full; j += L) {
     const Reg e = V::exp(V::sub(V::load(s + j), mv));
-    V::store(s + j, e);
     sum = V::add(sum, e);
+    if constexpr (Scaled) {
+      V::store(s + j, V::mul(e, V::load(vs + j)));
+    } else {
+      V::store(s + j, e);
+    }
   }
   float total = V::reduce_add(sum);
   for (int64_t j = full; j < len; ++j) {
-    s[j] = std::exp(s[j] - mx);
-    total += s[j];
+    const float e = std::exp(s[j] - mx);
+    total += e;
+    if constexpr (Scaled) {
+      s[j] = e * vs[j];
+    } else {
+      s[j] = e;
+    }
   }
   return 1.0f / total;
 }
@@ -284,10 +304,15 @@ void attention_task(const AttentionShape& s, int hk, int64_t i0, int64_t i1, con
     }
   }
 
+  // An int8 cache's scales of this kv head over keys 0 .. nk - 1 (contiguous: stored head by
+  // head); the other caches have none.
+  constexpr bool kScaled = std::is_same_v<E, int8_t>;
+  const float* ks = kScaled ? s.k_scales + hk * s.ld_scales : nullptr;
+  const float* vs = kScaled ? s.v_scales + hk * s.ld_scales : nullptr;
   for (int r = 0; r < rows; ++r) {
     float* row = sc + r * lds;
     const int64_t len = row_len(r);
-    inv[r] = softmax_row<V>(row, len);
+    inv[r] = softmax_row<V, kScaled>(row, len, ks, vs);
     if (nk > len) std::memset(row + len, 0, static_cast<size_t>(nk - len) * sizeof(float));
   }
 
@@ -320,13 +345,16 @@ void attention_typed(const AttentionShape& s, const float* q, int64_t ldq, const
   });
 }
 
-// k and v point to f32 or bf16 elements as s.kv_dtype says.
+// k and v point to f32, bf16 or int8 elements as s.kv_dtype says.
 template <class V, int SR, int SV, int OR, int OV>
 void attention(const AttentionShape& s, const float* q, int64_t ldq, const void* k, const void* v,
                int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool) {
   if (s.kv_dtype == DType::BF16) {
     attention_typed<V, SR, SV, OR, OV>(s, q, ldq, static_cast<const uint16_t*>(k),
                                        static_cast<const uint16_t*>(v), ldkv, out, ldo, pool);
+  } else if (s.kv_dtype == DType::I8) {
+    attention_typed<V, SR, SV, OR, OV>(s, q, ldq, static_cast<const int8_t*>(k),
+                                       static_cast<const int8_t*>(v), ldkv, out, ldo, pool);
   } else {
     attention_typed<V, SR, SV, OR, OV>(s, q, ldq, static_cast<const float*>(k),
                                        static_cast<const float*>(v), ldkv, out, ldo, pool);

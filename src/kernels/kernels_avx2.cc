@@ -69,6 +69,9 @@ struct Vec {
     } else if constexpr (D == DType::BF16) {
       const __m256i h = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
       return _mm256_castsi256_ps(_mm256_slli_epi32(h, 16));
+    } else if constexpr (D == DType::I8) {
+      return _mm256_cvtepi32_ps(
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
     } else {
       return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     }
@@ -78,8 +81,8 @@ struct Vec {
     if constexpr (D == DType::F32) {
       return load_partial(p, n);
     } else {
-      alignas(16) uint16_t tmp[8] = {};
-      std::memcpy(tmp, p, static_cast<size_t>(n) * sizeof(uint16_t));
+      alignas(16) detail::WeightElem<D> tmp[8] = {};
+      std::memcpy(tmp, p, static_cast<size_t>(n) * sizeof(tmp[0]));
       return load_w<D>(tmp);
     }
   }

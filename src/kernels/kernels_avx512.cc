@@ -62,6 +62,9 @@ struct Vec {
       const __m512i h =
           _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
       return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+    } else if constexpr (D == DType::I8) {
+      return _mm512_cvtepi32_ps(
+          _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
     } else {
       return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     }
@@ -73,6 +76,8 @@ struct Vec {
     } else if constexpr (D == DType::BF16) {
       const __m512i h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask(n), p));
       return _mm512_castsi512_ps(_mm512_slli_epi32(h, 16));
+    } else if constexpr (D == DType::I8) {
+      return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_maskz_loadu_epi8(mask(n), p)));
     } else {
       return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask(n), p));
     }

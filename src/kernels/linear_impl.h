@@ -5,7 +5,8 @@
 //
 // V provides: Reg, kLanes, zero, set1, load, load_partial(p, n), store, store_partial(p, v, n),
 // fmadd(a, b, c) = a * b + c, add, mul, max, reduce_add, reduce_max, exp, transpose(Reg[kLanes]),
-// and load_w<D> / load_w_partial<D> that widen kLanes weights of dtype D to f32.
+// and load_w<D> / load_w_partial<D> that widen kLanes weights of dtype D to f32 (D = I8 only for
+// the int8 KV cache's codes, read by attention_impl.h).
 #pragma once
 
 #include <cstdint>
@@ -22,7 +23,8 @@
 namespace sparsa::kernels::SPARSA_KERNELS_ISA::detail {
 
 template <DType D>
-using WeightElem = std::conditional_t<D == DType::F32, float, uint16_t>;
+using WeightElem = std::conditional_t<D == DType::F32, float,
+                                      std::conditional_t<D == DType::I8, int8_t, uint16_t>>;
 
 // IEEE half to float without a call or a table: move exponent and mantissa into place and
 // rebias; infinities and NaNs get the rest of the bias, subnormals are renormalized by a float
@@ -59,6 +61,8 @@ inline float weight_to_f32(WeightElem<D> w) {
     return w;
   } else if constexpr (D == DType::BF16) {
     return bf16_bits_to_f32(w);
+  } else if constexpr (D == DType::I8) {
+    return static_cast<float>(w);
   } else {
     return half_bits_to_f32(w);
   }

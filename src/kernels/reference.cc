@@ -40,25 +40,36 @@ void linear(const DenseWeight& w, const float* x, int64_t ldx, int64_t n_tokens,
 
 void attention(const AttentionShape& s, const float* q, int64_t ldq, const void* k_data,
                const void* v_data, int64_t ldkv, float* out, int64_t ldo) {
-  const bool bf16 = s.kv_dtype == DType::BF16;
-  auto at = [bf16](const void* base, int64_t i) -> double {
-    return bf16 ? bf16_to_f32(static_cast<const uint16_t*>(base)[i])
-                : static_cast<const float*>(base)[i];
-  };
   const int g = s.n_heads / s.n_kv_heads;
   const int d = s.head_dim;
+  // Element c of kv head hk's row j, dequantized: an int8 code times its row's scale.
+  auto at = [&](const void* base, const float* scales, int64_t j, int hk, int c) -> double {
+    const int64_t i = j * ldkv + int64_t{hk} * d + c;
+    switch (s.kv_dtype) {
+      case DType::F32:
+        return static_cast<const float*>(base)[i];
+      case DType::BF16:
+        return bf16_to_f32(static_cast<const uint16_t*>(base)[i]);
+      case DType::I8:
+        return static_cast<double>(static_cast<const int8_t*>(base)[i]) *
+               scales[hk * s.ld_scales + j];
+      default:
+        break;
+    }
+    fail("reference::attention: a KV cache of {} is not supported", dtype_name(s.kv_dtype));
+  };
   std::vector<double> p;
   std::vector<double> o(static_cast<size_t>(d));
   for (int64_t i = 0; i < s.n_q; ++i)
     for (int h = 0; h < s.n_heads; ++h) {
       const int64_t len = s.pos0 + i + 1;
       const float* qi = q + i * ldq + h * d;
-      const int64_t kv = int64_t{h / g} * d;
+      const int hk = h / g;
       p.assign(static_cast<size_t>(len), 0.0);
       double mx = -INFINITY;
       for (int64_t j = 0; j < len; ++j) {
         double dot = 0.0;
-        for (int c = 0; c < d; ++c) dot += double{qi[c]} * at(k_data, j * ldkv + kv + c);
+        for (int c = 0; c < d; ++c) dot += double{qi[c]} * at(k_data, s.k_scales, j, hk, c);
         p[static_cast<size_t>(j)] = dot * s.scale;
         mx = std::max(mx, p[static_cast<size_t>(j)]);
       }
@@ -67,7 +78,7 @@ void attention(const AttentionShape& s, const float* q, int64_t ldq, const void*
       std::fill(o.begin(), o.end(), 0.0);
       for (int64_t j = 0; j < len; ++j)
         for (int c = 0; c < d; ++c)
-          o[static_cast<size_t>(c)] += p[static_cast<size_t>(j)] * at(v_data, j * ldkv + kv + c);
+          o[static_cast<size_t>(c)] += p[static_cast<size_t>(j)] * at(v_data, s.v_scales, j, hk, c);
       for (int c = 0; c < d; ++c)
         out[i * ldo + h * d + c] = static_cast<float>(o[static_cast<size_t>(c)] / sum);
     }

@@ -428,19 +428,31 @@ std::vector<float> rope_inverse_frequencies(const io::ModelConfig& c) {
 
 KvCache::KvCache(const io::ModelConfig& c, int64_t max_tokens, DType dtype) : dtype_(dtype) {
   SPARSA_CHECK(max_tokens > 0, "KV cache size must be positive, got {}", max_tokens);
-  SPARSA_CHECK(dtype == DType::F32 || dtype == DType::BF16,
-               "a KV cache of {} is not supported (expected F32 or BF16)", dtype_name(dtype));
+  SPARSA_CHECK(dtype == DType::F32 || dtype == DType::BF16 || dtype == DType::I8,
+               "a KV cache of {} is not supported (expected F32, BF16 or I8)", dtype_name(dtype));
   capacity_ = std::min(max_tokens, c.max_context());
   row_ = c.num_kv_heads * c.head_dim;
+  head_dim_ = c.head_dim;
   const size_t layers = static_cast<size_t>(c.num_layers);
   const size_t elems = static_cast<size_t>(capacity_ * row_);
   if (dtype == DType::F32) {
     k_.assign(layers, AlignedVector<float>(elems));
     v_ = k_;
-  } else {
+  } else if (dtype == DType::BF16) {
     kh_.assign(layers, AlignedVector<uint16_t>(elems));
     vh_ = kh_;
+  } else {
+    kq_.assign(layers, AlignedVector<int8_t>(elems));
+    vq_ = kq_;
+    ks_.assign(layers, AlignedVector<float>(static_cast<size_t>(c.num_kv_heads * capacity_)));
+    vs_ = ks_;
   }
+}
+
+int64_t KvCache::bytes_per_token(const io::ModelConfig& c, DType dtype) {
+  int64_t row = c.num_kv_heads * c.head_dim * static_cast<int64_t>(dtype_size(dtype));
+  if (dtype == DType::I8) row += c.num_kv_heads * static_cast<int64_t>(sizeof(float));
+  return 2 * c.num_layers * row;
 }
 
 float* KvCache::keys(int64_t layer) {
@@ -458,19 +470,54 @@ float* KvCache::values(int64_t layer) {
 KvLayer KvCache::layer(int64_t layer) {
   const size_t l = static_cast<size_t>(layer);
   if (dtype_ == DType::F32) return {k_[l].data(), v_[l].data(), dtype_};
-  return {kh_[l].data(), vh_[l].data(), dtype_};
+  if (dtype_ == DType::BF16) return {kh_[l].data(), vh_[l].data(), dtype_};
+  return {kq_[l].data(), vq_[l].data(), dtype_, ks_[l].data(), vs_[l].data(), capacity_};
+}
+
+float quantize_kv_row(const float* x, int64_t n, int8_t* codes) {
+  float amax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) amax = std::max(amax, std::abs(x[i]));
+  if (amax == 0.0f) {
+    std::memset(codes, 0, static_cast<size_t>(n));
+    return 0.0f;
+  }
+  const float scale = amax / 127.0f;
+  // x / scale is within [-127, 127] up to the rounding of the division (amax / scale can land
+  // an ulp above 127): the clamp keeps it there. Adding and removing 1.5 · 2^23 rounds half to
+  // even, as std::nearbyint does, but the loop vectorizes on baseline x86-64 (where nearbyint
+  // is a call per value).
+  constexpr float kMagic = 12582912.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float c = std::clamp(x[i] / scale, -127.0f, 127.0f);
+    codes[i] = static_cast<int8_t>((c + kMagic) - kMagic);
+  }
+  return scale;
 }
 
 namespace {
 
-void store_rows(KvLayer kv, int64_t row, int64_t pos, const float* k, const float* v, int64_t n,
-                int64_t ld) {
+// Rows pos .. pos + n - 1 of a cache layer from f32 rows of `row` = n_kv_heads · head_dim values
+// (row stride ld): copied, rounded to bf16, or quantized per (token, kv head).
+void store_rows(KvLayer kv, int64_t row, int64_t head_dim, int64_t pos, const float* k,
+                const float* v, int64_t n, int64_t ld) {
   if (kv.dtype == DType::F32) {
     for (int64_t t = 0; t < n; ++t) {
       std::memcpy(static_cast<float*>(kv.k) + (pos + t) * row, k + t * ld,
                   static_cast<size_t>(row) * sizeof(float));
       std::memcpy(static_cast<float*>(kv.v) + (pos + t) * row, v + t * ld,
                   static_cast<size_t>(row) * sizeof(float));
+    }
+    return;
+  }
+  if (kv.dtype == DType::I8) {
+    for (int64_t t = 0; t < n; ++t) {
+      int8_t* kd = static_cast<int8_t*>(kv.k) + (pos + t) * row;
+      int8_t* vd = static_cast<int8_t*>(kv.v) + (pos + t) * row;
+      for (int64_t h = 0; h * head_dim < row; ++h) {
+        const int64_t c = h * head_dim;
+        kv.k_scales[h * kv.ld_scales + pos + t] = quantize_kv_row(k + t * ld + c, head_dim, kd + c);
+        kv.v_scales[h * kv.ld_scales + pos + t] = quantize_kv_row(v + t * ld + c, head_dim, vd + c);
+      }
     }
     return;
   }
@@ -488,12 +535,13 @@ void store_rows(KvLayer kv, int64_t row, int64_t pos, const float* k, const floa
 
 void KvCache::write(int64_t layer, int64_t pos, const float* k, const float* v, int64_t n,
                     int64_t ld) {
-  SPARSA_CHECK(layer >= 0 && layer < static_cast<int64_t>(std::max(k_.size(), kh_.size())),
-               "KvCache::write: no layer {}", layer);
+  SPARSA_CHECK(
+      layer >= 0 && layer < static_cast<int64_t>(std::max({k_.size(), kh_.size(), kq_.size()})),
+      "KvCache::write: no layer {}", layer);
   SPARSA_CHECK(pos >= 0 && n >= 0 && pos + n <= capacity_ && ld >= row_,
                "KvCache::write: rows {} .. {} (stride {}) do not fit the cache ({} rows of {})",
                pos, pos + n, ld, capacity_, row_);
-  store_rows(this->layer(layer), row_, pos, k, v, n, ld);
+  store_rows(this->layer(layer), row_, head_dim_, pos, k, v, n, ld);
 }
 
 void KvCache::truncate(int64_t n) { size_ = std::clamp<int64_t>(n, 0, size_); }
@@ -647,10 +695,10 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
   shape.n_kv_heads = static_cast<int>(c.num_kv_heads);
   shape.head_dim = static_cast<int>(hd);
   shape.scale = 1.0f / std::sqrt(static_cast<float>(hd));
-  shape.kv_dtype = kv.dtype;
+  kv.describe(shape);
 
-  // An f32 cache takes the new keys and values straight from the projections; a bf16 one gets
-  // them rounded once they are final (after RoPE).
+  // An f32 cache takes the new keys and values straight from the projections; a bf16 or int8
+  // one gets them rounded or quantized once they are final (after RoPE).
   const bool direct = kv.dtype == DType::F32;
   float* kc = direct ? static_cast<float*>(kv.k) + pos0 * kvw : ws.k.data();
   float* vc = direct ? static_cast<float*>(kv.v) + pos0 * kvw : ws.v.data();
@@ -668,7 +716,7 @@ void block_forward(const io::ModelConfig& c, const Block& b, int64_t layer,
   }
   apply_rope(q, qw, n, c.num_heads, hd, ws.cos.data(), ws.sin.data());
   apply_rope(kc, kvw, n, c.num_kv_heads, hd, ws.cos.data(), ws.sin.data());
-  if (!direct) store_rows(kv, kvw, pos0, kc, vc, n, kvw);
+  if (!direct) store_rows(kv, kvw, hd, pos0, kc, vc, n, kvw);
   kernels::attention(shape, q, qw, kv.k, kv.v, kvw, attn, qw, pool);
   run_linear("o", b.o, attn, qw, xn, h);
   for (int64_t i = 0; i < n * h; ++i) x[i] += xn[i];

@@ -144,7 +144,7 @@ void forward_batch(const Model& model, std::span<const BatchSequence> seqs, Batc
         const model::KvLayer kv = s.cache->layer(l);
         shape.n_q = len;
         shape.pos0 = pos0;
-        shape.kv_dtype = kv.dtype;
+        kv.describe(shape);
         kernels::attention(shape, q + row * qw, qw, kv.k, kv.v, kvw, attn + row * qw, qw, pool);
       }
       row += len;
@@ -156,7 +156,7 @@ void forward_batch(const Model& model, std::span<const BatchSequence> seqs, Batc
       one.n_q = static_cast<int64_t>(s.tokens.size());
       one.pos0 = s.cache->size();
       const model::KvLayer kv = s.cache->layer(l);
-      one.kv_dtype = kv.dtype;
+      kv.describe(one);
       kernels::attention(one, q + r * qw, qw, kv.k, kv.v, kvw, attn + r * qw, qw, serial_pool());
     });
     linear_forward(b.o, attn, qw, n, xn, h, ws.linear, pool);

@@ -97,9 +97,8 @@ class BenchSession {
     r.decode_tokens_per_s = 1.0 / step_s;
     r.bandwidth_gb_per_s = bw / 1e9;
     // Step i (0-based) attends over prompt_tokens + i + 1 positions of keys and values per layer.
-    const double kv_row_bytes = 2.0 * static_cast<double>(cfg.num_layers * cfg.num_kv_heads *
-                                                          cfg.head_dim) *
-                                dtype_size(opt_.kv_cache);
+    const double kv_row_bytes =
+        static_cast<double>(model::KvCache::bytes_per_token(cfg, opt_.kv_cache));
     const double mean_positions = static_cast<double>(opt_.prompt_tokens) +
                                   0.5 * static_cast<double>(r.decode_tokens + 1);
     r.kv_bytes_per_token = static_cast<size_t>(kv_row_bytes * mean_positions);

@@ -39,12 +39,14 @@ const char* const kNoMmapHelp =
 // --kv-cache's help and its parser, on generate, eval, bench and serve.
 extern const char* const kKvCacheHelp;
 const char* const kKvCacheHelp =
-    "element type of the KV cache: f32 (exact) or bf16 (half the memory and half of attention's "
-    "reads; keys and values rounded to bf16)";
+    "element type of the KV cache: f32 (exact), bf16 (half the memory and half of attention's "
+    "reads; keys and values rounded to bf16) or int8 (about a quarter: each token's keys and "
+    "values quantized per kv head, symmetric int8 with one f32 scale)";
 sparsa::DType parse_kv_cache(const std::string& name) {
   if (name == "f32") return sparsa::DType::F32;
   if (name == "bf16") return sparsa::DType::BF16;
-  throw sparsa::Error("--kv-cache: expected f32 or bf16, got '" + name + "'");
+  if (name == "int8") return sparsa::DType::I8;
+  throw sparsa::Error("--kv-cache: expected f32, bf16 or int8, got '" + name + "'");
 }
 
 namespace {
@@ -453,7 +455,7 @@ int main(int argc, char** argv) {
   gen->add_flag("--json", g.json, "print one JSON object instead of streaming");
   gen->add_flag("--no-mmap", g_no_mmap, kNoMmapHelp);
   gen->add_option("--kv-cache", g_kv_cache, kKvCacheHelp)
-      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->check(CLI::IsMember({"f32", "bf16", "int8"}))
       ->capture_default_str();
 
   std::string eval_model, eval_data;
@@ -469,7 +471,7 @@ int main(int argc, char** argv) {
   ev->add_flag("--json", eval_json, "print one JSON object");
   ev->add_flag("--no-mmap", g_no_mmap, kNoMmapHelp);
   ev->add_option("--kv-cache", g_kv_cache, kKvCacheHelp)
-      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->check(CLI::IsMember({"f32", "bf16", "int8"}))
       ->capture_default_str();
 
   std::string insp_model;
@@ -507,7 +509,7 @@ int main(int argc, char** argv) {
   bench->add_flag("--json", bench_json, "print one JSON object");
   bench->add_flag("--no-mmap", g_no_mmap, kNoMmapHelp);
   bench->add_option("--kv-cache", g_kv_cache, kKvCacheHelp)
-      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->check(CLI::IsMember({"f32", "bf16", "int8"}))
       ->capture_default_str();
 
   InitArgs ia;

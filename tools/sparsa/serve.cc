@@ -91,7 +91,7 @@ void add_serve_command(CLI::App& app) {
   cmd->add_option("-t,--threads", args->threads, "threads running the model (default: all cores)");
   cmd->add_flag("--no-mmap", args->no_mmap, kNoMmapHelp);
   cmd->add_option("--kv-cache", args->kv_cache, kKvCacheHelp)
-      ->check(CLI::IsMember({"f32", "bf16"}))
+      ->check(CLI::IsMember({"f32", "bf16", "int8"}))
       ->capture_default_str();
   cmd->add_option("--model-name", args->server.model_name,
                   "model id clients must send (default: the model directory as given)");

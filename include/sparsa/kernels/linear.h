@@ -69,9 +69,16 @@ void linear_many(const LinearOutput* outs, int count, const float* x, int64_t ld
 /// attending to cache rows 0 .. pos (inclusive) of their own position.
 ///   q:   [n_q, n_heads * head_dim], row stride ldq
 ///   k,v: [>= pos0 + n_q, n_kv_heads * head_dim], row stride ldkv in elements (the KV cache),
-///        of kv_dtype: F32, or BF16 (widened to f32 as read; the arithmetic is f32 either way)
+///        of kv_dtype: F32, BF16 (widened to f32 as read), or I8 (codes; see below). The
+///        arithmetic is f32 in every case.
 ///   out: [n_q, n_heads * head_dim], row stride ldo
 /// Query head h reads kv head h / (n_heads / n_kv_heads). scores = q·k * scale, softmax in f32.
+///
+/// An I8 cache holds symmetric codes with one f32 scale per (token, kv head) row of head_dim
+/// values, for keys and values apart: key j of kv head h is k_scales[h * ld_scales + j] times
+/// its codes (likewise v_scales). The scales are stored head by head so that one head's scales
+/// over the keys are contiguous; attention multiplies each score by its key's scale and each
+/// softmax weight by its value's scale, outside the dot products.
 struct AttentionShape {
   int64_t n_q = 0;
   int64_t pos0 = 0;
@@ -80,6 +87,9 @@ struct AttentionShape {
   int head_dim = 0;
   float scale = 1.0f;
   DType kv_dtype = DType::F32;
+  const float* k_scales = nullptr;  // I8 only: [n_kv_heads, >= pos0 + n_q], row stride ld_scales
+  const float* v_scales = nullptr;
+  int64_t ld_scales = 0;
 };
 void attention(const AttentionShape& s, const float* q, int64_t ldq, const void* k, const void* v,
                int64_t ldkv, float* out, int64_t ldo, ThreadPool& pool);

@@ -34,20 +34,51 @@
 namespace sparsa::model {
 
 /// One layer of a KV cache as block_forward writes it and attention reads it: rows of
-/// n_kv_heads * head_dim elements of `dtype` (F32 or BF16).
+/// n_kv_heads * head_dim elements of `dtype` (F32, BF16 or I8). An I8 layer also has the scales
+/// of its rows, per kv head: token t's head h row is k_scales[h * ld_scales + t] times its codes
+/// (the layout kernels::AttentionShape takes).
 struct KvLayer {
   void* k = nullptr;
   void* v = nullptr;
   DType dtype = DType::F32;
+  float* k_scales = nullptr;  // I8 only: [n_kv_heads, capacity]
+  float* v_scales = nullptr;
+  int64_t ld_scales = 0;
+
+  /// Sets the cache fields of an attention shape (dtype and any scales).
+  void describe(kernels::AttentionShape& s) const {
+    s.kv_dtype = dtype;
+    s.k_scales = k_scales;
+    s.v_scales = v_scales;
+    s.ld_scales = ld_scales;
+  }
 };
 
+/// Symmetric int8 quantization of one row of n values (an I8 cache's (token, kv head) row):
+/// scale = max |x| / 127 and codes[i] = x[i] / scale rounded to nearest (ties to even), within
+/// [-127, 127]; the row's largest magnitude becomes ±127. An all-zero row gets scale 0 and
+/// codes 0. Returns the scale.
+float quantize_kv_row(const float* x, int64_t n, int8_t* codes);
+
 /// Keys and values of every layer for one sequence, [max_tokens, n_kv_heads * head_dim] per
-/// layer, stored as F32 (the default: exact) or BF16 (half the memory and half attention's
-/// reads; keys and values are rounded to nearest even as they are written, as llama.cpp's f16
-/// and vLLM's bf16 caches round them; attention's arithmetic stays f32).
+/// layer, stored as
+///   F32  (the default: exact),
+///   BF16 (half the memory and half attention's reads; keys and values are rounded to nearest
+///        even as they are written, as llama.cpp's f16 and vLLM's bf16 caches round them), or
+///   I8   (a quarter of the memory and reads, plus 8 bytes per token and kv head: each (token,
+///        kv head) row of head_dim keys, and of values, is quantized by quantize_kv_row as it is
+///        written, keys after RoPE: symmetric absmax int8 as llama.cpp's q8_0 cache quantizes,
+///        with one f32 scale per row where q8_0 has an f16 one per 32 values). The scales are
+///        kept per layer as [n_kv_heads, max_tokens], head by head, so that attention reads one
+///        head's scales over the keys contiguously.
+/// Attention's arithmetic stays f32 for every type.
 class KvCache {
  public:
   KvCache(const io::ModelConfig& config, int64_t max_tokens, DType dtype = DType::F32);
+
+  /// Bytes one token's keys and values take over all layers, scales included (I8: 2 · n_kv_heads
+  /// · (head_dim + 4) per layer).
+  static int64_t bytes_per_token(const io::ModelConfig& config, DType dtype);
 
   DType dtype() const { return dtype_; }
   KvLayer layer(int64_t layer);
@@ -60,7 +91,7 @@ class KvCache {
   /// Forgets everything after the first `n` tokens.
   void truncate(int64_t n);
 
-  /// An F32 cache's rows (an error for BF16).
+  /// An F32 cache's rows (an error for the other types).
   float* keys(int64_t layer);
   float* values(int64_t layer);
   int64_t row_stride() const { return row_; }
@@ -70,9 +101,12 @@ class KvCache {
   int64_t capacity_ = 0;
   int64_t size_ = 0;
   int64_t row_ = 0;
+  int64_t head_dim_ = 0;
   DType dtype_ = DType::F32;
   std::vector<AlignedVector<float>> k_, v_;       // F32
   std::vector<AlignedVector<uint16_t>> kh_, vh_;  // BF16
+  std::vector<AlignedVector<int8_t>> kq_, vq_;    // I8 codes
+  std::vector<AlignedVector<float>> ks_, vs_;     // I8 scales, [n_kv_heads, capacity_] per layer
 };
 
 /// How Model::load runs the linear layers.
@@ -158,7 +192,7 @@ using LinearInputHook =
 struct BlockWorkspace {
   int64_t tokens = 0;
   AlignedVector<float> xn, q, attn, gate, up, cos, sin;
-  AlignedVector<float> k, v;  // the new rows before they are rounded into a BF16 cache
+  AlignedVector<float> k, v;  // the new rows before they are rounded into a BF16 or I8 cache
   LinearScratch linear;
   void reserve(const io::ModelConfig& config, int64_t n_tokens);
 };

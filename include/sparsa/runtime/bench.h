@@ -40,7 +40,7 @@ struct BenchOptions {
   int rounds = 4;
   size_t bandwidth_bytes = size_t{256} << 20;  // probe buffer: 8x a 32 MiB L3
   uint64_t seed = 1;
-  DType kv_cache = DType::F32;  // the KV cache's element type: F32 or BF16
+  DType kv_cache = DType::F32;  // the KV cache's element type: F32, BF16 or I8
 };
 
 struct BenchResult {

@@ -28,7 +28,7 @@ struct EngineOptions {
   int max_sequences = 8;  // KV cache slots (sequences that can run at once)
   int64_t context = 0;    // tokens per slot; 0 or more than the model's: the model's context
   int threads = 0;        // 0: all hardware threads
-  DType kv_cache = DType::F32;  // the KV caches' element type: F32 or BF16 (model::KvCache)
+  DType kv_cache = DType::F32;  // the KV caches' element type: F32, BF16 or I8 (model::KvCache)
 };
 
 class Engine {

@@ -26,7 +26,7 @@ struct GenerateOptions {
   std::vector<std::string> stop;  // stop strings; the text ends before the first match
   bool stop_at_eos = true;
   bool add_special_tokens = true;  // BOS per the tokenizer's template
-  DType kv_cache = DType::F32;     // the KV cache's element type: F32 or BF16
+  DType kv_cache = DType::F32;     // the KV cache's element type: F32, BF16 or I8
 };
 
 struct GenerateResult {

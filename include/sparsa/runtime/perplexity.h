@@ -33,7 +33,7 @@ struct PerplexityResult {
 /// Called after each window with (windows done, total windows, running ppl).
 using PerplexityProgress = std::function<void(int64_t, int64_t, double)>;
 
-/// kv_cache: the KV cache's element type (F32 or BF16).
+/// kv_cache: the KV cache's element type (F32, BF16 or I8).
 PerplexityResult perplexity(model::Model& model, const std::vector<int32_t>& tokens, int64_t ctx,
                             ThreadPool& pool, const PerplexityProgress& progress = {},
                             int64_t max_windows = 0, DType kv_cache = DType::F32);
