@@ -123,8 +123,9 @@ void BM_Prefill(benchmark::State& state) {
 }
 
 // Arguments: heads, kv heads, head_dim, queries, cached positions, cache element bits (32: f32,
-// 16: bf16), and how many caches the iterations cycle through (one per layer of a model: with
-// 22, a TinyLlama decode step's worth, the caches come from DRAM as in a real step).
+// 16: bf16, 8: int8 with a scale per key or value row of each kv head), and how many caches the
+// iterations cycle through (one per layer of a model: with 22, a TinyLlama decode step's worth,
+// the caches come from DRAM as in a real step).
 void BM_Attention(benchmark::State& state) {
   AttentionShape s;
   s.n_heads = static_cast<int>(state.range(0));
@@ -132,7 +133,7 @@ void BM_Attention(benchmark::State& state) {
   s.head_dim = static_cast<int>(state.range(2));
   s.n_q = state.range(3);
   s.pos0 = state.range(4);
-  s.kv_dtype = state.range(5) == 16 ? DType::BF16 : DType::F32;
+  s.kv_dtype = state.range(5) == 16 ? DType::BF16 : state.range(5) == 8 ? DType::I8 : DType::F32;
   const int64_t copies = state.range(6);
   s.scale = 1.0f / std::sqrt(static_cast<float>(s.head_dim));
   const int64_t qw = int64_t{s.n_heads} * s.head_dim, kvw = int64_t{s.n_kv_heads} * s.head_dim;
@@ -141,10 +142,23 @@ void BM_Attention(benchmark::State& state) {
   const auto q = random_floats(static_cast<size_t>(s.n_q * qw), 1);
   std::vector<AlignedVector<float>> k32, v32;
   std::vector<AlignedVector<uint16_t>> k16, v16;
+  std::vector<AlignedVector<int8_t>> k8, v8;
+  std::vector<AlignedVector<float>> ks, vs;  // int8: [n_kv_heads][n_keys]
+  s.ld_scales = n_keys;
   for (int64_t c = 0; c < copies; ++c) {
     auto k = random_floats(elems, static_cast<uint32_t>(2 + 2 * c));
     auto v = random_floats(elems, static_cast<uint32_t>(3 + 2 * c));
-    if (s.kv_dtype == DType::BF16) {
+    if (s.kv_dtype == DType::I8) {
+      // The values are uniform in [-1, 1]: scales near 1/127, codes over the whole range.
+      k8.emplace_back(elems);
+      v8.emplace_back(elems);
+      ks.emplace_back(static_cast<size_t>(s.n_kv_heads * n_keys), 1.0f / 127);
+      vs.emplace_back(static_cast<size_t>(s.n_kv_heads * n_keys), 1.0f / 127);
+      for (size_t i = 0; i < elems; ++i) {
+        k8.back()[i] = static_cast<int8_t>(std::lround(k[i] * 127));
+        v8.back()[i] = static_cast<int8_t>(std::lround(v[i] * 127));
+      }
+    } else if (s.kv_dtype == DType::BF16) {
       k16.emplace_back(elems);
       v16.emplace_back(elems);
       for (size_t i = 0; i < elems; ++i) {
@@ -159,9 +173,20 @@ void BM_Attention(benchmark::State& state) {
   std::vector<float> out(static_cast<size_t>(s.n_q * qw));
   int64_t c = 0;
   for (auto _ : state) {
-    const bool bf16 = s.kv_dtype == DType::BF16;
-    const void* k = bf16 ? static_cast<const void*>(k16[c].data()) : k32[c].data();
-    const void* v = bf16 ? static_cast<const void*>(v16[c].data()) : v32[c].data();
+    const void* k;
+    const void* v;
+    if (s.kv_dtype == DType::I8) {
+      k = k8[c].data();
+      v = v8[c].data();
+      s.k_scales = ks[c].data();
+      s.v_scales = vs[c].data();
+    } else if (s.kv_dtype == DType::BF16) {
+      k = k16[c].data();
+      v = v16[c].data();
+    } else {
+      k = k32[c].data();
+      v = v32[c].data();
+    }
     attention(s, q.data(), qw, k, v, kvw, out.data(), qw, pool());
     benchmark::DoNotOptimize(out.data());
     c = c + 1 == copies ? 0 : c + 1;
@@ -172,8 +197,9 @@ void BM_Attention(benchmark::State& state) {
   const double it = static_cast<double>(state.iterations());
   state.counters["flops"] =
       benchmark::Counter(4.0 * pairs * static_cast<double>(qw) * it, benchmark::Counter::kIsRate);
-  state.SetBytesProcessed(
-      static_cast<int64_t>(2.0 * n_keys * kvw * static_cast<double>(dtype_size(s.kv_dtype)) * it));
+  const double scale_bytes = s.kv_dtype == DType::I8 ? 2.0 * n_keys * s.n_kv_heads * 4 : 0.0;
+  state.SetBytesProcessed(static_cast<int64_t>(
+      (2.0 * n_keys * kvw * static_cast<double>(dtype_size(s.kv_dtype)) + scale_bytes) * it));
 }
 
 void BM_ReadBandwidth(benchmark::State& state) {
@@ -242,15 +268,20 @@ BENCHMARK(BM_Prefill<DType::F32>)
 BENCHMARK(BM_Attention)
     ->Args({32, 4, 64, 1, 2047, 32, 1})
     ->Args({32, 4, 64, 1, 2047, 16, 1})
+    ->Args({32, 4, 64, 1, 2047, 8, 1})
     ->Args({32, 4, 64, 1, 2047, 32, 22})
     ->Args({32, 4, 64, 1, 2047, 16, 22})
+    ->Args({32, 4, 64, 1, 2047, 8, 22})
     ->Args({32, 4, 64, 1, 639, 32, 22})
     ->Args({32, 4, 64, 1, 639, 16, 22})
+    ->Args({32, 4, 64, 1, 639, 8, 22})
     ->Args({8, 4, 64, 1, 511, 32, 1})
     ->Args({8, 4, 64, 1, 48, 32, 1})
     ->Args({8, 4, 64, 1, 48, 16, 1})
+    ->Args({8, 4, 64, 1, 48, 8, 1})
     ->Args({32, 4, 64, 512, 0, 32, 1})
     ->Args({32, 4, 64, 512, 0, 16, 1})
+    ->Args({32, 4, 64, 512, 0, 8, 1})
     ->Args({8, 4, 64, 512, 0, 32, 1})
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime();
