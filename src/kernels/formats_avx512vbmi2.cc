@@ -51,7 +51,8 @@ template <Codec C, Positions P, int SB>
 class Decoder {
  public:
   Decoder(const PackedView& p, int64_t r)
-      : kept_(P == Positions::All ? p.codes : p.codes + p.row_offsets[r], p.n_blocks) {
+      : kept_(P == Positions::All ? p.codes : p.codes + p.row_offsets[r], p.n_blocks,
+              P == Positions::All ? 0 : static_cast<int64_t>(p.row_offsets[r + 1] - p.row_offsets[r])) {
     if constexpr (P == Positions::All) {
       cur_ = p.codes + r * p.row_bytes;
     } else {
@@ -150,6 +151,7 @@ class Decoder {
     if constexpr (SB == 16) {  // BF16 values, 32 columns per expand
       const int c = std::popcount(m);
       const int c0 = std::popcount(static_cast<uint32_t>(m));
+      kept_.prefetch(b);
       const __m512i v0 = load_in_register(cur_);
       const __m512i v1 = load_in_register(cur_ + 2 * c0);
       const __m512i e0 = _mm512_maskz_expand_epi16(_cvtu32_mask32(static_cast<uint32_t>(m)), v0);

@@ -55,7 +55,8 @@ class CodeReader {
  public:
   CodeReader(const PackedView& p, int64_t r)
       : cur_(kSparse ? nullptr : p.codes + r * p.row_bytes),
-        kept_(kSparse ? p.codes + p.row_offsets[r] : p.codes, p.n_blocks) {}
+        kept_(kSparse ? p.codes + p.row_offsets[r] : p.codes, p.n_blocks,
+              kSparse ? static_cast<int64_t>(p.row_offsets[r + 1] - p.row_offsets[r]) : 0) {}
 
   __m512i block(int64_t b, __m512i fill, __mmask64& keep) {
     if constexpr (!kSparse) {
@@ -255,6 +256,8 @@ void sparse_int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* 
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* masks = p.codes + p.row_offsets[r];
     const uint8_t* cur = masks + nb * 8;
+    const RowPrefetch prefetch(masks, static_cast<int64_t>(p.row_offsets[r + 1] - p.row_offsets[r]),
+                               np);
     const float* ws = p.scales + r * ng;
     const uint8_t* zs = p.zeros + r * ng;
     __m512 acc[T], acc2[T];
@@ -271,6 +274,7 @@ void sparse_int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* 
       const int64_t b = 2 * q;
       const uint64_t m0 = load_u64(masks + 8 * b);
       const uint64_t m1 = b + 1 < nb ? load_u64(masks + 8 * b + 8) : 0;
+      prefetch.step(q);
       const __m512i v = load_in_register(cur);
       cur += std::max(std::popcount(m0), std::popcount(m1));
       const __m512i c0 = _mm512_mask_expand_epi8(fill, _cvtu64_mask64(m0), _mm512_and_si512(v, nib));
