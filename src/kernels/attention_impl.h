@@ -227,13 +227,22 @@ void decode_scores(int rows, int d, const float* const* qr, const E* k, int64_t 
   const Reg sc = V::set1(scale);
   for (int64_t j = 0; j < nk; j += L) {
     const int nj = nk - j < L ? static_cast<int>(nk - j) : L;
+    // The last block's missing keys repeat its last key (their scores are not stored), so that
+    // every loop below has a fixed trip count and the sums stay in registers.
+    const E* kr[L];
+    for (int i = 0; i < L; ++i) kr[i] = k + (j + (i < nj ? i : nj - 1)) * ldk;
+    if (j + 3 * L <= nk) {
+      const char* pf = reinterpret_cast<const char*>(k + (j + 2 * L) * ldk);
+      for (int i = 0; i < L; ++i)
+        for (int64_t b = 0; b < d * static_cast<int64_t>(sizeof(E)); b += 64)
+          __builtin_prefetch(pf + i * ldk * static_cast<int64_t>(sizeof(E)) + b);
+    }
     for (int r = 0; r < rows; ++r) {
       Reg acc[L];
       for (int i = 0; i < L; ++i) acc[i] = V::zero();
       for (int dd = 0; dd < d; dd += L) {
         const Reg qv = V::load(qr[r] + dd);
-        for (int i = 0; i < nj; ++i)
-          acc[i] = V::fmadd(qv, kv_load<V>(k + (j + i) * ldk + dd), acc[i]);
+        for (int i = 0; i < L; ++i) acc[i] = V::fmadd(qv, kv_load<V>(kr[i] + dd), acc[i]);
       }
       const Reg sum = V::mul(V::sum_lanes(acc), sc);
       if (nj == L) {
