@@ -123,17 +123,52 @@ class KeptCodes {
 };
 #endif
 
+/// Decode splits the rows of its weights into chunks of whole row blocks of kDecodeRowAlign rows
+/// (whole cache lines of y for each thread), handed out largest first: each chunk takes about
+/// 1 / (2 · threads) of the rows not yet handed out (guided self-scheduling), down to a floor of
+/// kDecodeMinChunkRows rows and 1/32 of the whole. Whichever thread is ahead takes the next
+/// chunk, so a thread slowed by the machine's other work delays the step by one small chunk at
+/// most, for about a dozen claims per weight.
+inline constexpr int64_t kDecodeRowAlign = 16;
+inline constexpr int64_t kDecodeMinChunkRows = 64;
+
+/// linear_many runs at most this many outputs together.
+inline constexpr int kMaxManyOutputs = 8;
+
+/// Rows [r0, r1) of output `output`.
+struct DecodeChunk {
+  int output;
+  int64_t r0, r1;
+};
+/// At most total / floor + one per output (floor >= total / 32, outputs <= kMaxManyOutputs).
+inline constexpr int kMaxDecodeChunks = 32 + kMaxManyOutputs;
+
+/// The chunks of `count` outputs of rows[i] rows each, in the order they are handed out; returns
+/// how many.
+inline int decode_chunks(const int64_t* rows, int count, int threads, DecodeChunk* out) {
+  int64_t total = 0;
+  for (int i = 0; i < count; ++i) total += rows[i];
+  const auto align = [](int64_t n) {
+    return (n + kDecodeRowAlign - 1) / kDecodeRowAlign * kDecodeRowAlign;
+  };
+  const int64_t floor = align(std::max<int64_t>(kDecodeMinChunkRows, (total + 31) / 32));
+  int64_t left = total;
+  int n = 0;
+  for (int i = 0; i < count; ++i) {
+    for (int64_t r = 0; r < rows[i];) {
+      int64_t take = std::max(floor, align(left / (2 * int64_t{threads})));
+      // A remainder smaller than the floor joins this chunk.
+      if (rows[i] - r - take < floor) take = rows[i] - r;
+      out[n++] = {i, r, r + take};
+      r += take;
+      left -= take;
+    }
+  }
+  return n;
+}
+
 /// Below this many weights a decode call is too short to be worth waking the other threads.
 inline constexpr int64_t kMinParallelWeights = int64_t{1} << 15;
-/// Decode splits the rows into chunks of a multiple of kDecodeRowAlign rows (whole cache lines
-/// of y for each thread), about kDecodeChunksPerThread per thread.
-inline constexpr int64_t kDecodeRowAlign = 16;
-inline constexpr int64_t kDecodeChunksPerThread = 1;
-
-/// Rows per chunk when `rows` rows are cut into about `chunks` chunks of whole row blocks.
-inline int64_t decode_step(int64_t rows, int64_t chunks) {
-  return ((rows + chunks - 1) / chunks + kDecodeRowAlign - 1) / kDecodeRowAlign * kDecodeRowAlign;
-}
 
 /// fn(r0, r1) over the rows of one [rows, cols] weight, split across the pool.
 template <class F>
@@ -142,39 +177,18 @@ void split_decode_rows(int64_t rows, int64_t cols, ThreadPool& pool, F&& fn) {
     fn(int64_t{0}, rows);
     return;
   }
-  const int64_t max_chunks = (rows + kDecodeRowAlign - 1) / kDecodeRowAlign;
-  const int64_t step =
-      decode_step(rows, std::min<int64_t>(pool.size() * kDecodeChunksPerThread, max_chunks));
-  pool.run((rows + step - 1) / step,
-           [&](int64_t c) { fn(c * step, std::min(rows, (c + 1) * step)); });
+  DecodeChunk chunks[kMaxDecodeChunks];
+  const int n = decode_chunks(&rows, 1, pool.size(), chunks);
+  pool.run(n, [&](int64_t c) { fn(chunks[c].r0, chunks[c].r1); });
 }
 
-/// linear_many runs at most this many outputs together.
-inline constexpr int kMaxManyOutputs = 8;
-
-/// linear_many's split: the outputs' rows together cut into chunks of about
-/// total / (threads · kDecodeChunksPerThread) rows, each chunk inside one output;
-/// fn(output, r0, r1) runs once per chunk on the pool.
+/// linear_many's split: the outputs' rows cut into chunks as decode_chunks says, each inside one
+/// output; fn(output, r0, r1) runs once per chunk on the pool.
 template <class F>
 void split_decode_outputs(const int64_t* rows, int count, ThreadPool& pool, F&& fn) {
-  int64_t first_chunk[kMaxManyOutputs + 1];
-  int64_t step[kMaxManyOutputs];
-  int64_t total_rows = 0;
-  for (int i = 0; i < count; ++i) total_rows += rows[i];
-  const int64_t target = std::max<int64_t>(
-      kDecodeRowAlign, total_rows / (pool.size() * kDecodeChunksPerThread) / kDecodeRowAlign *
-                           kDecodeRowAlign);
-  first_chunk[0] = 0;
-  for (int i = 0; i < count; ++i) {
-    step[i] = decode_step(rows[i], std::max<int64_t>(1, (rows[i] + target / 2) / target));
-    first_chunk[i + 1] = first_chunk[i] + (rows[i] + step[i] - 1) / step[i];
-  }
-  pool.run(first_chunk[count], [&](int64_t c) {
-    int i = 0;
-    while (c >= first_chunk[i + 1]) ++i;
-    const int64_t r0 = (c - first_chunk[i]) * step[i];
-    fn(i, r0, std::min(rows[i], r0 + step[i]));
-  });
+  DecodeChunk chunks[kMaxDecodeChunks];
+  const int n = decode_chunks(rows, count, pool.size(), chunks);
+  pool.run(n, [&](int64_t c) { fn(chunks[c].output, chunks[c].r0, chunks[c].r1); });
 }
 
 /// Rows [r0, r1) of y = x Wᵀ for a few tokens; each row of W is read once from memory.
