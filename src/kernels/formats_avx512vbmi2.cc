@@ -151,7 +151,7 @@ class Decoder {
     if constexpr (SB == 16) {  // BF16 values, 32 columns per expand
       const int c = std::popcount(m);
       const int c0 = std::popcount(static_cast<uint32_t>(m));
-      kept_.prefetch(b);
+      kept_.prefetch();
       const __m512i v0 = load_in_register(cur_);
       const __m512i v1 = load_in_register(cur_ + 2 * c0);
       const __m512i e0 = _mm512_maskz_expand_epi16(_cvtu32_mask32(static_cast<uint32_t>(m)), v0);

@@ -247,16 +247,18 @@ void int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* y, int6
 // group per row, or an even number of blocks per group): the pair's shared nibble bytes give
 // both blocks' kept codes with one load, and each block's codes move to their columns with one
 // vpexpandb, pruned columns taking the group's zero point. Rows [r0, r1) × T tokens.
-template <int T>
+// kGroupPerPair: groups of 128 columns, group q is pair q (no group counter in the loop). A row's
+// odd last block is a pair of its own, after the loop over whole pairs.
+template <int T, bool kGroupPerPair>
 void sparse_int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ldy,
                            int64_t r0, int64_t r1) {
-  const int64_t nb = p.n_blocks, ng = p.n_groups, np = (nb + 1) / 2;
+  const int64_t nb = p.n_blocks, ng = p.n_groups, np = (nb + 1) / 2, whole = nb / 2;
   const int64_t ppg = ng == 1 ? np + 1 : p.group_size / kBlockCols / 2;
   const __m512i zero = _mm512_setzero_si512(), nib = _mm512_set1_epi8(0x0f);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* masks = p.codes + p.row_offsets[r];
     const uint8_t* cur = masks + nb * 8;
-    const RowPrefetch prefetch(masks, static_cast<int64_t>(p.row_offsets[r + 1] - p.row_offsets[r]),
+    RowPrefetch prefetch(masks, static_cast<int64_t>(p.row_offsets[r + 1] - p.row_offsets[r]),
                                np);
     const float* ws = p.scales + r * ng;
     const uint8_t* zs = p.zeros + r * ng;
@@ -264,31 +266,41 @@ void sparse_int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* 
     for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
     int64_t g = 0, left = ppg;
     __m512i fill = _mm512_set1_epi8(static_cast<char>(zs[0]));
-    over_pairs<T>(np, acc, acc2, [&](int64_t q, __m512 (&s)[T]) {
-      if (left == 0) {  // the next group (never reached with one group per row)
-        ++g;
-        left = ppg;
-        fill = _mm512_set1_epi8(static_cast<char>(zs[g]));
+    // Pair q; kSecond: block 2q + 1 exists.
+    const auto step = [&]<bool kSecond>(int64_t q, __m512 (&s)[T]) {
+      __m512 wsv;
+      if constexpr (kGroupPerPair) {
+        fill = _mm512_set1_epi8(static_cast<char>(zs[q]));
+        wsv = _mm512_set1_ps(ws[q]);
+      } else {
+        if (left == 0) {  // the next group (never reached with one group per row)
+          ++g;
+          left = ppg;
+          fill = _mm512_set1_epi8(static_cast<char>(zs[g]));
+        }
+        --left;
+        wsv = _mm512_set1_ps(ws[g]);
       }
-      --left;
       const int64_t b = 2 * q;
       const uint64_t m0 = load_u64(masks + 8 * b);
-      const uint64_t m1 = b + 1 < nb ? load_u64(masks + 8 * b + 8) : 0;
-      prefetch.step(q);
+      const uint64_t m1 = kSecond ? load_u64(masks + 8 * b + 8) : 0;
+      prefetch.step();
       const __m512i v = load_in_register(cur);
       cur += std::max(std::popcount(m0), std::popcount(m1));
       const __m512i c0 = _mm512_mask_expand_epi8(fill, _cvtu64_mask64(m0), _mm512_and_si512(v, nib));
       const __m512i c1 = _mm512_mask_expand_epi8(fill, _cvtu64_mask64(m1),
                                                  _mm512_and_si512(_mm512_srli_epi16(v, 4), nib));
-      const __m512 wsv = _mm512_set1_ps(ws[g]);
       for (int t = 0; t < T; ++t) {
-        // A row's odd last block pairs with no block (m1 = 0): the input past the row is 0.
+        // A lone last block (m1 = 0): the input past the row is 0.
         const __m512i d = _mm512_dpbusd_epi32(
             _mm512_dpbusd_epi32(zero, c0, input_block(x, t, b)), c1, input_block(x, t, b + 1));
         s[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), pair_scale(x, t, q)), wsv,
                                s[t]);
       }
-    });
+    };
+    over_pairs<T>(whole, acc, acc2,
+                  [&](int64_t q, __m512 (&s)[T]) { step.template operator()<true>(q, s); });
+    if (whole < np) step.template operator()<false>(whole, acc);
     finish_int_row(p, x, r, T, acc, acc2, y, ldy);
   }
 }
@@ -432,10 +444,11 @@ FormatDecodeQ8Fn int_decode_fn(const PackedView& v) {
   return pair_groups ? &int_decode<SB, kSparse, true> : &int_decode<SB, kSparse, false>;
 }
 
+template <bool kGroupPerPair>
 void sparse_int4_pair_decode(const PackedView& p, const QuantizedInput& x, int64_t n_tokens,
                              float* y, int64_t ldy, int64_t r0, int64_t r1) {
   for_token_count(n_tokens, [&](auto t) {
-    sparse_int4_pair_rows<decltype(t)::value>(p, x, y, ldy, r0, r1);
+    sparse_int4_pair_rows<decltype(t)::value, kGroupPerPair>(p, x, y, ldy, r0, r1);
   });
 }
 
@@ -472,7 +485,9 @@ FormatDecodeQ8Fn decode_q8(const PackedView& v) {
     if (v.n_groups > 1 && v.group_size % kBlockCols != 0) return nullptr;
     if (sparse && sb == 4) {
       const bool pair_groups = v.n_groups == 1 || (v.group_size / kBlockCols) % 2 == 0;
-      return pair_groups ? &sparse_int4_pair_decode : int_decode_fn<4, true>(v);
+      if (!pair_groups) return int_decode_fn<4, true>(v);
+      return v.n_groups > 1 && v.group_size == 2 * kBlockCols ? &sparse_int4_pair_decode<true>
+                                                              : &sparse_int4_pair_decode<false>;
     }
     if (sparse) return int_decode_fn<8, true>(v);
     switch (sb) {

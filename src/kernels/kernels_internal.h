@@ -52,26 +52,27 @@ inline __m512i load_in_register(const void* p) {
 // its masks, then its kept values). The hardware prefetchers keep up with a dense row but not with
 // a Bitmask row, whose mask and value streams advance at different, data-dependent rates: from
 // DRAM, a 50%-sparse int4 row decoded at 11-13 GB/s with them alone and 28-29 GB/s with this
-// (bench_formats sparse50-int4g128 2048x5632, one token). Step i prefetches the line kAhead bytes
-// past the point i / steps of the way through the row; past the row's end that is the next row,
-// which follows it in memory. Up to 128 bytes a step (two lines) are covered.
+// (bench_formats sparse50-int4g128 2048x5632, one token). Each step() prefetches the line kAhead
+// bytes past the point step / steps of the way through the row (the integer bytes per step
+// lose less than a line over a row); past the row's end that is the next row, which follows it
+// in memory. Steps of more than 64 bytes prefetch two lines.
 class RowPrefetch {
  public:
   static constexpr int64_t kAhead = 1024;
 
   RowPrefetch(const uint8_t* begin, int64_t bytes, int64_t steps)
       : at_(reinterpret_cast<const char*>(begin) + kAhead),
-        rate_(steps > 0 ? (bytes << 16) / steps : 0) {}
+        stride_(steps > 0 ? bytes / steps : 0) {}
 
-  void step(int64_t i) const {
-    const char* p = at_ + ((i * rate_) >> 16);
-    __builtin_prefetch(p);
-    if (rate_ > (int64_t{64} << 16)) __builtin_prefetch(p + 64);
+  void step() {
+    __builtin_prefetch(at_);
+    if (stride_ > 64) __builtin_prefetch(at_ + 64);
+    at_ += stride_;
   }
 
  private:
   const char* at_;
-  int64_t rate_;  // bytes per step, 16.16 fixed point
+  int64_t stride_;
 };
 
 #if defined(__AVX512VBMI__)
@@ -93,21 +94,21 @@ class KeptCodes {
         prefetch_(masks, bytes, SB == 4 ? (n_blocks + 1) / 2 : n_blocks) {}
 
   uint64_t mask(int64_t b) const { return load_u64(masks_ + 8 * b); }
-  /// The row's prefetch for block b, for readers of values that are not codes (BF16), which
-  /// do not call next().
-  void prefetch(int64_t b) const { prefetch_.step(b); }
+  /// The row's prefetch for the next block, for readers of values that are not codes (BF16),
+  /// which do not call next().
+  void prefetch() { prefetch_.step(); }
 
   __m512i next(int64_t b) {
     if constexpr (SB == 4) {
       const __m512i nib = _mm512_set1_epi8(0x0f);
       if (b % 2 == 1) return _mm512_and_si512(_mm512_srli_epi16(pair_, 4), nib);
-      prefetch_.step(b / 2);
+      prefetch_.step();
       pair_ = load_in_register(cur_);
       const int c1 = b + 1 < n_blocks_ ? std::popcount(mask(b + 1)) : 0;
       cur_ += std::max(std::popcount(mask(b)), c1);
       return _mm512_and_si512(pair_, nib);
     } else {
-      prefetch_.step(b);
+      prefetch_.step();
       const __m512i v = load_in_register(cur_);
       cur_ += std::popcount(mask(b));
       return v;
