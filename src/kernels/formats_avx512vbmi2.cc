@@ -52,7 +52,8 @@ class Decoder {
  public:
   Decoder(const PackedView& p, int64_t r)
       : kept_(P == Positions::All ? p.codes : p.codes + p.row_offsets[r], p.n_blocks,
-              P == Positions::All ? 0 : static_cast<int64_t>(p.row_offsets[r + 1] - p.row_offsets[r])) {
+              P == Positions::All ? 0
+                                  : static_cast<int64_t>(p.row_offsets[r + 1] - p.row_offsets[r])) {
     if constexpr (P == Positions::All) {
       cur_ = p.codes + r * p.row_bytes;
     } else {

@@ -86,7 +86,8 @@ class KeptCodes {
   static_assert(SB == 4 || SB == 8);
 
  public:
-  // The row's `bytes` bytes start at `masks` (0 bytes: no prefetching, for a row that is not one).
+  // The row's `bytes` bytes start at `masks` (a reader of Positions::All rows, which never calls
+  // next() or prefetch(), passes 0).
   KeptCodes(const uint8_t* masks, int64_t n_blocks, int64_t bytes)
       : cur_(masks + n_blocks * 8),
         masks_(masks),
