@@ -258,8 +258,7 @@ void sparse_int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* 
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* masks = p.codes + p.row_offsets[r];
     const uint8_t* cur = masks + nb * 8;
-    RowPrefetch prefetch(masks, static_cast<int64_t>(p.row_offsets[r + 1] - p.row_offsets[r]),
-                               np);
+    RowPrefetch prefetch(masks, static_cast<int64_t>(p.row_offsets[r + 1] - p.row_offsets[r]), np);
     const float* ws = p.scales + r * ng;
     const uint8_t* zs = p.zeros + r * ng;
     __m512 acc[T], acc2[T];
