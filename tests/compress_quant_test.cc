@@ -15,6 +15,7 @@
 
 #include "sparsa/compress/matrix.h"
 #include "sparsa/compress/quantize.h"
+#include "sparsa/core/dtype.h"
 #include "sparsa/core/error.h"
 #include "sparsa/core/thread_pool.h"
 
@@ -105,7 +106,8 @@ ScalarGrid scalar_grid(const float* w, int64_t n, int bits, bool sym) {
     if (xmin < 0) xmin = -xmax;
   }
   if (xmin == 0 && xmax == 0) xmin = -1, xmax = 1;
-  const float scale = (xmax - xmin) / maxq;
+  // The scale as f16 stores it (0.1 → 0.0999756), at least f16's smallest subnormal.
+  const float scale = std::max(f16_to_f32(f32_to_f16((xmax - xmin) / maxq)), 0x1p-24f);
   return {scale, sym ? (maxq + 1) / 2 : std::nearbyint(-xmin / scale)};
 }
 float scalar_quantize(float w, ScalarGrid g, int bits) {
@@ -211,9 +213,9 @@ TEST(Rtn, GridEdgeCases) {
   w.data = {0, 0, 0, 0, 0.1f, 0.2f, 0.3f, 0.4f};
   QuantResult q = rtn_quantize(w, {4, true, 0, false});
   EXPECT_EQ(q.zeros[0], 8);
-  EXPECT_FLOAT_EQ(q.scales[0], 2.0f / 15.0f);
+  EXPECT_EQ(q.scales[0], f16_to_f32(f32_to_f16(2.0f / 15.0f)));  // scales are f16 values
   for (int j = 0; j < 4; ++j) EXPECT_EQ(w.at(0, j), 0.0f);
-  EXPECT_FLOAT_EQ(q.scales[1], 0.4f / 15.0f);
+  EXPECT_EQ(q.scales[1], f16_to_f32(f32_to_f16(0.4f / 15.0f)));
   EXPECT_EQ(q.zeros[1], 8);
   // Half-way cases round to even, as torch.round: 0.5 → 0, 1.5 → 2, 2.5 → 2 (scale 1, zero 0).
   Matrix h(1, 4);
@@ -262,18 +264,18 @@ TEST(HessianFactor, IsTheUpperCholeskyFactorOfTheDampedInverse) {
 }
 
 TEST(Gptq, HandComputedTwoColumns) {
-  // W = [0.24, −0.06], 2 bits, per channel: xmin = −0.06, xmax = 0.24, scale = 0.1,
-  // zero = round(0.6) = 1. Column 0: round(2.4) + 1 = 3 → 0.1 · (3 − 1) = 0.2, error 0.04.
-  // H = [[1, 0.9], [0.9, 1]] + 0.01 · I: the OBS update of column 1 is
-  // −(w0 − q0) · [H⁻¹]01 / [H⁻¹]00 = (w0 − q0) · H01 / H11 = 0.04 · 0.9 / 1.01 = 0.035644,
-  // so w1 = −0.024356 → round(−0.24) + 1 = 1 → 0 (RTN would give round(−0.6) + 1 = 0 → −0.1).
+  // W = [0.24, −0.06], 2 bits, per channel: xmin = −0.06, xmax = 0.24, scale = 0.1 as f16,
+  // s = 0.0999756, zero = round(0.6) = 1. Column 0: round(2.4) + 1 = 3 → s · (3 − 1) = 0.199951,
+  // error 0.040049. H = [[1, 0.9], [0.9, 1]] + 0.01 · I: the OBS update of column 1 is
+  // −(w0 − q0) · [H⁻¹]01 / [H⁻¹]00 = (w0 − q0) · H01 / H11 = 0.040049 · 0.9 / 1.01 = 0.035687,
+  // so w1 = −0.024313 → round(−0.24) + 1 = 1 → 0 (RTN would give round(−0.6) + 1 = 0 → −s).
   Matrix w(1, 2);
   w.data = {0.24f, -0.06f};
   const QuantResult q = gptq_quantize(w, {1.0, 0.9, 0.9, 1.0}, {2, false, 0, false});
-  EXPECT_FLOAT_EQ(q.scales[0], 0.1f);
+  EXPECT_EQ(q.scales[0], 0.0999755859375f);  // 0.1 rounded to f16: 1638 / 16384
   EXPECT_EQ(q.zeros[0], 1);
   EXPECT_EQ(q.codes, (std::vector<uint8_t>{3, 1}));
-  EXPECT_FLOAT_EQ(w.at(0, 0), 0.2f);
+  EXPECT_EQ(w.at(0, 0), 2 * 0.0999755859375f);
   EXPECT_EQ(w.at(0, 1), 0.0f);
   Matrix rtn(1, 2);
   rtn.data = {0.24f, -0.06f};

@@ -305,8 +305,8 @@ TEST(PackedQuant, AutoEncodingPicksTheSmallerLayout) {
   sparse.dequantize_to(a.data());
   copy.dequantize_to(b.data());
   EXPECT_EQ(a, b);
-  // int4 g128: 32 bytes of codes per 64 weights, a 4-byte scale and a 1-byte zero per 128.
-  EXPECT_EQ(pack_quantized(q).bytes(), 64u * (256 / 2 + 2 * 5));
+  // int4 g128: 32 bytes of codes per 64 weights, a 2-byte (f16) scale and a 1-byte zero per 128.
+  EXPECT_EQ(pack_quantized(q).bytes(), 64u * (256 / 2 + 2 * 3));
 }
 
 // GPTQ act-order: columns in any order of groups. The packed weight stores them sorted by group
@@ -523,6 +523,32 @@ TEST(PackedErrors, RejectBadArgumentsWithClearMessages) {
   expect_error([&] { kernels::linear(pw, x.data(), 64, 1, y.data(), 4, pool); }, "ldy = 4");
   expect_error([&] { kernels::linear(PackedWeight{}, x.data(), 64, 1, y.data(), 8, pool); },
                "empty");
+}
+
+// Scales are stored as f16: a checkpoint's f32 scales off the f16 grid decode with their nearest
+// f16 value (every kernel reads the same stored scale), and one beyond f16's range is refused.
+TEST(PackedQuant, ScalesAreStoredAsF16) {
+  Matrix w = random_matrix(13, 256, 4);
+  auto q = compress::rtn_quantize(w, {.bits = 4, .group_size = 128});
+  for (size_t i = 0; i < q.scales.size(); ++i) q.scales[i] *= 1.0f + 1e-4f * static_cast<float>(i);
+  compress::QuantResult rounded = q;
+  int off_grid = 0;
+  for (float& sc : rounded.scales) {
+    const float h = f16_to_f32(f32_to_f16(sc));
+    off_grid += h != sc;
+    sc = h;
+  }
+  ASSERT_GT(off_grid, 20);
+  const PackedWeight pw = pack_quantized(q);
+  expect_dequantizes_to(pw, expected(rounded, {}), pw.describe());
+  check_kernels(pw, pw.describe(), {1, 3});
+  auto huge = q;
+  huge.scales[7] = 7e4f;
+  expect_error([&] { pack_quantized(huge); }, "scale 70000 of row 3 group 1 is outside f16's range");
+  Matrix big(1, 64);
+  big.data.assign(64, 1e6f);
+  expect_error([&] { compress::rtn_quantize(big, {.bits = 4, .group_size = 64}); },
+               "beyond f16's range");
 }
 
 // ---- decode input coding ------------------------------------------------------------------

@@ -224,7 +224,7 @@ INSTANTIATE_TEST_SUITE_P(Recipes, PackedModelTest, ::testing::ValuesIn(kRecipes)
                          });
 
 // The packed bytes one decode step reads are those of the format: int4 codes (half a byte per
-// weight) plus an f32 scale and a u8 zero point per group of 128 columns.
+// weight) plus an f16 scale and a u8 zero point per group of 128 columns.
 TEST(PackedModel, BytesPerTokenAreThoseOfThePackedLayout) {
   const std::string out = temp_dir("bytes");
   compress::CompressOptions o;
@@ -242,7 +242,7 @@ TEST(PackedModel, BytesPerTokenAreThoseOfThePackedLayout) {
   for (const model::Block& b : m->blocks())
     for (const model::Linear* l : {&b.q, &b.k, &b.v, &b.o, &b.gate, &b.up, &b.down}) {
       const int64_t rows = l->rows(), cols = l->cols();
-      const size_t bytes = static_cast<size_t>(rows * cols / 2 + rows * (cols / 128) * 5);
+      const size_t bytes = static_cast<size_t>(rows * cols / 2 + rows * (cols / 128) * 3);
       EXPECT_EQ(l->bytes_per_token(), bytes) << l->name;
       expect += bytes;
     }

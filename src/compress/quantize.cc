@@ -7,9 +7,14 @@
 
 #include <algorithm>
 
+#include "sparsa/core/dtype.h"
 #include "sparsa/core/error.h"
 
 namespace sparsa::compress {
+
+namespace {
+constexpr float kMinF16Scale = 0x1p-24f;  // f16's smallest positive (subnormal) value
+}  // namespace
 
 QuantGrid find_quant_grid(const float* w, int64_t n, int bits, bool symmetric,
                           const uint8_t* keep) {
@@ -29,7 +34,12 @@ QuantGrid find_quant_grid(const float* w, int64_t n, int bits, bool symmetric,
     xmax = 1.0f;
   }
   QuantGrid g;
-  g.scale = (xmax - xmin) / maxq;
+  // The scale is rounded to f16, the precision checkpoints and the packed kernels keep, before
+  // any code is chosen, so the codes fit the scale that is stored. A scale below f16's smallest
+  // subnormal (weights under about 1e-6) takes that subnormal instead of 0.
+  g.scale = std::max(f16_to_f32(f32_to_f16((xmax - xmin) / maxq)), kMinF16Scale);
+  SPARSA_CHECK(std::isfinite(g.scale),
+               "quantize: weights in [{}, {}] need a scale beyond f16's range (65504)", xmin, xmax);
   g.zero = symmetric ? (maxq + 1.0f) / 2.0f : std::nearbyint(-xmin / g.scale);
   return g;
 }

@@ -427,6 +427,17 @@ PackedWeight pack_quantized(const compress::QuantResult& q, const compress::Mask
     }
   }
   std::vector<uint8_t> zeros8(q.zeros.begin(), q.zeros.end());
+  // Scales are stored as f16, rounded to nearest. Below f16's normal range (6.1e-5) a scale keeps
+  // an absolute error under 3e-8, far below the half step its group's codes already err by.
+  std::vector<uint16_t> scales16(q.scales.size());
+  for (size_t i = 0; i < q.scales.size(); ++i) {
+    const float sc = q.scales[i];
+    scales16[i] = f32_to_f16(sc);
+    SPARSA_CHECK(std::isfinite(sc) && std::isfinite(f16_to_f32(scales16[i])),
+                 "pack_quantized: scale {} of row {} group {} is outside f16's range (|scale| "
+                 "<= 65504)",
+                 sc, static_cast<int64_t>(i) / n_groups, static_cast<int64_t>(i) % n_groups);
+  }
   if (all_kept(keep)) keep_bits = nullptr;
 
   Source s;
@@ -460,13 +471,13 @@ PackedWeight pack_quantized(const compress::QuantResult& q, const compress::Mask
   v.n_blocks = (cols + kBlockCols - 1) / kBlockCols;
   v.group_size = gs;
   v.n_groups = n_groups;
-  const Packer::Section sc = p.reserve(q.scales.size() * sizeof(float));
+  const Packer::Section sc = p.reserve(scales16.size() * sizeof(uint16_t));
   const Packer::Section zc = p.reserve(zeros8.size());
   const Packer::Section pc = p.reserve(perm.size() * sizeof(int32_t));
   p.pack_codes(s, positions);
-  std::memcpy(p.at(sc), q.scales.data(), sc.size);
+  std::memcpy(p.at(sc), scales16.data(), sc.size);
   std::memcpy(p.at(zc), zeros8.data(), zc.size);
-  v.scales = reinterpret_cast<const float*>(p.at(sc));
+  v.scales = reinterpret_cast<const uint16_t*>(p.at(sc));
   v.zeros = p.at(zc);
   if (!perm.empty()) {
     std::memcpy(p.at(pc), perm.data(), pc.size);

@@ -76,7 +76,7 @@ class Decoder {
       if (b == next_group_) {
         const int64_t g = b / blocks_per_group_;
         next_group_ = b + blocks_per_group_;
-        scale_ = _mm512_set1_ps(scales_[g]);
+        scale_ = _mm512_set1_ps(_cvtsh_ss(scales_[g]));
         zero_ = _mm512_set1_ps(static_cast<float>(zeros_[g]));
         if constexpr (SB != 8) set_tables(_mm512_mul_ps(_mm512_sub_ps(iota(), zero_), scale_));
       }
@@ -180,7 +180,7 @@ class Decoder {
   const uint8_t* cur_ = nullptr;    // Positions::All codes; Bitmask BF16 values
   const uint8_t* masks_ = nullptr;
   KeptCodes<SB == 4 ? 4 : 8> kept_;  // Bitmask codes
-  const float* scales_ = nullptr;
+  const uint16_t* scales_ = nullptr;  // f16
   const uint8_t* zeros_ = nullptr;
   const float* lut_ = nullptr;
   int64_t blocks_per_group_ = 0;

@@ -104,14 +104,15 @@ inline __m512i input_block(const QuantizedInput& x, int t, int64_t b) {
 inline void finish_int_row(const PackedView& p, const QuantizedInput& x, int64_t r, int n_tokens,
                            const __m512* acc, const __m512* acc2, float* y, int64_t ldy) {
   const int64_t ng = p.n_groups;
-  const float* ws = p.scales + r * ng;
+  const uint16_t* ws = p.scales + r * ng;  // f16
   const uint8_t* zs = p.zeros + r * ng;
   for (int t = 0; t < n_tokens; ++t) {
     __m512 corr = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g += 16) {
       const __mmask16 k = mask16(ng - g);
       const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, zs + g)));
-      corr = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, ws + g), z),
+      const __m512 sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, ws + g));
+      corr = _mm512_fmadd_ps(_mm512_mul_ps(sc, z),
                              _mm512_maskz_loadu_ps(k, x.group_sum + t * ng + g), corr);
     }
     y[t * ldy + r] =
@@ -145,7 +146,7 @@ void int_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ld
   const __m512i zero = _mm512_setzero_si512();
   for (int64_t r = r0; r < r1; ++r) {
     CodeReader<SB, kSparse> rd(p, r);
-    const float* ws = p.scales + r * ng;
+    const uint16_t* ws = p.scales + r * ng;  // f16
     const uint8_t* zs = p.zeros + r * ng;
     __m512 acc[T], acc2[T];
     for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
@@ -173,7 +174,7 @@ void int_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ld
           const __m512i c1 = rd.block(b + 1, fill, keep);
           for (int t = 0; t < T; ++t) d[t] = _mm512_dpbusd_epi32(d[t], c1, input_block(x, t, b + 1));
         }
-        const __m512 wsv = _mm512_set1_ps(ws[g]);
+        const __m512 wsv = _mm512_set1_ps(_cvtsh_ss(ws[g]));
         for (int t = 0; t < T; ++t)
           s[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d[t]), pair_scale(x, t, q)), wsv,
                                  s[t]);
@@ -181,7 +182,7 @@ void int_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ld
         for (int64_t bb = b; bb < (second ? b + 2 : b + 1); ++bb) {
           next_block();
           const __m512i c = rd.block(bb, fill, keep);
-          const __m512 wsv = _mm512_set1_ps(ws[g]);
+          const __m512 wsv = _mm512_set1_ps(_cvtsh_ss(ws[g]));
           for (int t = 0; t < T; ++t) {
             const __m512i d = _mm512_dpbusd_epi32(zero, c, input_block(x, t, bb));
             s[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), pair_scale(x, t, q)), wsv,
@@ -210,7 +211,7 @@ void int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* y, int6
   const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* codes = p.codes + r * p.row_bytes;
-    const float* ws = p.scales + r * ng;
+    const uint16_t* ws = p.scales + r * ng;  // f16
     __m512 acc[T], acc2[T];
     for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
     int64_t g = 0, left = ppg;
@@ -225,11 +226,11 @@ void int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* y, int6
           left = ppg;
         }
         --left;
-        wsv = _mm512_set1_ps(ws[g]);
+        wsv = _mm512_set1_ps(_cvtsh_ss(ws[g]));
       } else {
         const int64_t g0 = 2 * q / bpg, g1 = std::min(ng - 1, (2 * q + 1) / bpg);
-        wsv = _mm512_permutexvar_ps(
-            halves, _mm512_castps128_ps512(_mm_setr_ps(ws[g0], ws[g1], 0.0f, 0.0f)));
+        wsv = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_setr_ps(
+                                                _cvtsh_ss(ws[g0]), _cvtsh_ss(ws[g1]), 0.0f, 0.0f)));
       }
       for (int t = 0; t < T; ++t) {
         const int8_t* xq = x.qp + t * x.ldq + 128 * q;
@@ -259,7 +260,7 @@ void sparse_int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* 
     const uint8_t* masks = p.codes + p.row_offsets[r];
     const uint8_t* cur = masks + nb * 8;
     RowPrefetch prefetch(masks, static_cast<int64_t>(p.row_offsets[r + 1] - p.row_offsets[r]), np);
-    const float* ws = p.scales + r * ng;
+    const uint16_t* ws = p.scales + r * ng;  // f16
     const uint8_t* zs = p.zeros + r * ng;
     __m512 acc[T], acc2[T];
     for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
@@ -270,7 +271,7 @@ void sparse_int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* 
       __m512 wsv;
       if constexpr (kGroupPerPair) {
         fill = _mm512_set1_epi8(static_cast<char>(zs[q]));
-        wsv = _mm512_set1_ps(ws[q]);
+        wsv = _mm512_set1_ps(_cvtsh_ss(ws[q]));
       } else {
         if (left == 0) {  // the next group (never reached with one group per row)
           ++g;
@@ -278,7 +279,7 @@ void sparse_int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* 
           fill = _mm512_set1_epi8(static_cast<char>(zs[g]));
         }
         --left;
-        wsv = _mm512_set1_ps(ws[g]);
+        wsv = _mm512_set1_ps(_cvtsh_ss(ws[g]));
       }
       const int64_t b = 2 * q;
       const uint64_t m0 = load_u64(masks + 8 * b);

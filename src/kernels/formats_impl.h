@@ -108,10 +108,14 @@ class RowDecoder {
   }
 
  private:
-  float value(int64_t col, uint32_t code) const {
+  float value(int64_t col, uint32_t code) {
     if (p_.codec == Codec::Palette) return lut_[code];
     const int64_t g = col < p_.cols ? col / p_.group_size : 0;
-    return scales_[g] * (static_cast<float>(code) - static_cast<float>(zeros_[g]));
+    if (g != group_) {  // the f16 scale is widened once per group
+      group_ = g;
+      scale_ = f16_to_f32(scales_[g]);
+    }
+    return scale_ * (static_cast<float>(code) - static_cast<float>(zeros_[g]));
   }
 
   const PackedView& p_;
@@ -119,8 +123,10 @@ class RowDecoder {
   const uint8_t* masks_ = nullptr;
   const uint8_t* pair_ = nullptr;  // Bitmask nibbles: the bytes of the current pair of blocks
   int64_t block_bytes_ = 0;
-  const float* scales_ = nullptr;
+  const uint16_t* scales_ = nullptr;  // f16
   const uint8_t* zeros_ = nullptr;
+  int64_t group_ = -1;  // the group whose scale is scale_
+  float scale_ = 0.0f;
   const float* lut_ = nullptr;
 };
 

@@ -386,8 +386,8 @@ double approx_model_bytes(const io::ModelConfig& c, const BenchFormat& f) {
   switch (f.values) {
     case BenchFormat::Values::kDense: bits = 8.0 * static_cast<double>(dtype_size(f.dtype)); break;
     case BenchFormat::Values::kInt:
-      // + an f32 scale and a u8 zero point per group
-      bits = f.bits + (f.group_size > 0 ? 40.0 / static_cast<double>(f.group_size) : 0.0);
+      // + an f16 scale and a u8 zero point per group
+      bits = f.bits + (f.group_size > 0 ? 24.0 / static_cast<double>(f.group_size) : 0.0);
       break;
     case BenchFormat::Values::kPalette: bits = f.bits; break;
   }

@@ -14,7 +14,8 @@
 //   xmin = min(min w, 0), xmax = max(max w, 0)
 //   symmetric: xmax = max(|xmin|, xmax), and xmin = −xmax where xmin < 0
 //   xmin = xmax = 0: xmin = −1, xmax = +1
-//   scale = (xmax − xmin) / maxq, maxq = 2^bits − 1
+//   scale = (xmax − xmin) / maxq, maxq = 2^bits − 1, rounded to f16 (what checkpoints store
+//           and the packed kernels read; at least 2^-24, f16's smallest subnormal)
 //   zero = round(−xmin / scale), or (maxq + 1) / 2 when symmetric
 //   code = clamp(round(w / scale) + zero, 0, maxq), value = scale · (code − zero)
 // round is half to even, as torch.round. Zero is always on the grid (code = zero), so pruned

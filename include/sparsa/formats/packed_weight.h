@@ -15,7 +15,9 @@
 // Codec::Float      raw F32 / F16 / BF16 values. With Positions::All this is the dense weight
 //                   itself, row-major, possibly not owned (an mmapped tensor).
 // Codec::Int        group-quantized codes (GPTQ / RTN grids): value = scale[r, g] · (code − zero[r, g])
-//                   with g = column / group_size; scales f32 and zeros u8, [rows, n_groups] each.
+//                   with g = column / group_size; scales f16 (IEEE half, as GPTQ and AWQ
+//                   checkpoints store them: 3 bytes a group with the zero point, where f32
+//                   scales took 5) and zeros u8, [rows, n_groups] each.
 // Codec::Palette    indices into a table of 2^bits f32 values shared by `group_rows` rows
 //                   (k-means palettization, eDKM / SqueezeLLM style).
 //
@@ -85,7 +87,7 @@ struct PackedView {
   // Codec::Int: [rows, n_groups] each; group of column c is c / group_size.
   int64_t group_size = 0;
   int64_t n_groups = 0;
-  const float* scales = nullptr;
+  const uint16_t* scales = nullptr;  // f16 bits
   const uint8_t* zeros = nullptr;
   // Codec::Palette: rows r share table r / group_rows; lut is [n_row_groups, 2^bits].
   int64_t group_rows = 0;
