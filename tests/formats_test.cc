@@ -544,7 +544,13 @@ TEST(PackedQuant, ScalesAreStoredAsF16) {
   check_kernels(pw, pw.describe(), {1, 3});
   auto huge = q;
   huge.scales[7] = 7e4f;
-  expect_error([&] { pack_quantized(huge); }, "scale 70000 of row 3 group 1 is outside f16's range");
+  expect_error([&] { pack_quantized(huge); },
+               "scale 70000 of row 3 group 1 is outside f16's range");
+  // Rows of more than 1024 groups (here 1032 of 32 columns) run on the kernels of f32 input.
+  Matrix wide = random_matrix(3, 1032 * 32, 6);
+  const PackedWeight many =
+      pack_quantized(compress::rtn_quantize(wide, {.bits = 4, .group_size = 32}));
+  check_kernels(many, many.describe(), {1, 2});
   Matrix big(1, 64);
   big.data.assign(64, 1e6f);
   expect_error([&] { compress::rtn_quantize(big, {.bits = 4, .group_size = 64}); },

@@ -100,6 +100,21 @@ inline __m512i input_block(const QuantizedInput& x, int t, int64_t b) {
   return _mm512_load_si512(x.q + t * x.ldq + b * kBlockCols);
 }
 
+// A row's f16 group scales widened to f32 once, before its loop over pairs: the loops then read
+// each scale as a broadcast from memory, as they would an f32 scale, where a conversion per pair
+// would add three instructions to loops that are bound by their instruction count.
+constexpr int64_t kMaxRowGroups = 1024;  // rows of more groups take the f32-input kernels
+struct RowScales {
+  alignas(64) float f[kMaxRowGroups];
+  const float* widen(const uint16_t* h, int64_t n) {
+    for (int64_t g = 0; g < n; g += 16) {
+      const __mmask16 k = mask16(n - g);
+      _mm512_mask_storeu_ps(f + g, k, _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, h + g)));
+    }
+    return f;
+  }
+};
+
 // y[t, r] = Σ lanes (acc + acc2) − Σ_g scale_g · zero_g · group_sum[t][g].
 inline void finish_int_row(const PackedView& p, const QuantizedInput& x, int64_t r, int n_tokens,
                            const __m512* acc, const __m512* acc2, float* y, int64_t ldy) {
@@ -144,9 +159,10 @@ void int_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ld
   const int64_t nb = p.n_blocks, ng = p.n_groups, np = (nb + 1) / 2;
   const int64_t bpg = ng == 1 ? nb : p.group_size / kBlockCols;
   const __m512i zero = _mm512_setzero_si512();
+  RowScales scales;
   for (int64_t r = r0; r < r1; ++r) {
     CodeReader<SB, kSparse> rd(p, r);
-    const uint16_t* ws = p.scales + r * ng;  // f16
+    const float* ws = scales.widen(p.scales + r * ng, ng);
     const uint8_t* zs = p.zeros + r * ng;
     __m512 acc[T], acc2[T];
     for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
@@ -174,7 +190,7 @@ void int_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ld
           const __m512i c1 = rd.block(b + 1, fill, keep);
           for (int t = 0; t < T; ++t) d[t] = _mm512_dpbusd_epi32(d[t], c1, input_block(x, t, b + 1));
         }
-        const __m512 wsv = _mm512_set1_ps(_cvtsh_ss(ws[g]));
+        const __m512 wsv = _mm512_set1_ps(ws[g]);
         for (int t = 0; t < T; ++t)
           s[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d[t]), pair_scale(x, t, q)), wsv,
                                  s[t]);
@@ -182,7 +198,7 @@ void int_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ld
         for (int64_t bb = b; bb < (second ? b + 2 : b + 1); ++bb) {
           next_block();
           const __m512i c = rd.block(bb, fill, keep);
-          const __m512 wsv = _mm512_set1_ps(_cvtsh_ss(ws[g]));
+          const __m512 wsv = _mm512_set1_ps(ws[g]);
           for (int t = 0; t < T; ++t) {
             const __m512i d = _mm512_dpbusd_epi32(zero, c, input_block(x, t, bb));
             s[t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), pair_scale(x, t, q)), wsv,
@@ -209,9 +225,10 @@ void int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* y, int6
   const int64_t ppg = ng == 1 ? np + 1 : bpg / 2;
   const __m512i zero = _mm512_setzero_si512(), nib = _mm512_set1_epi8(0x0f);
   const __m512i halves = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+  RowScales scales;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* codes = p.codes + r * p.row_bytes;
-    const uint16_t* ws = p.scales + r * ng;  // f16
+    const float* ws = scales.widen(p.scales + r * ng, ng);
     __m512 acc[T], acc2[T];
     for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
     int64_t g = 0, left = ppg;
@@ -226,11 +243,11 @@ void int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* y, int6
           left = ppg;
         }
         --left;
-        wsv = _mm512_set1_ps(_cvtsh_ss(ws[g]));
+        wsv = _mm512_set1_ps(ws[g]);
       } else {
         const int64_t g0 = 2 * q / bpg, g1 = std::min(ng - 1, (2 * q + 1) / bpg);
-        wsv = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_setr_ps(
-                                                _cvtsh_ss(ws[g0]), _cvtsh_ss(ws[g1]), 0.0f, 0.0f)));
+        wsv = _mm512_permutexvar_ps(
+            halves, _mm512_castps128_ps512(_mm_setr_ps(ws[g0], ws[g1], 0.0f, 0.0f)));
       }
       for (int t = 0; t < T; ++t) {
         const int8_t* xq = x.qp + t * x.ldq + 128 * q;
@@ -256,11 +273,12 @@ void sparse_int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* 
   const int64_t nb = p.n_blocks, ng = p.n_groups, np = (nb + 1) / 2, whole = nb / 2;
   const int64_t ppg = ng == 1 ? np + 1 : p.group_size / kBlockCols / 2;
   const __m512i zero = _mm512_setzero_si512(), nib = _mm512_set1_epi8(0x0f);
+  RowScales scales;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* masks = p.codes + p.row_offsets[r];
     const uint8_t* cur = masks + nb * 8;
     RowPrefetch prefetch(masks, static_cast<int64_t>(p.row_offsets[r + 1] - p.row_offsets[r]), np);
-    const uint16_t* ws = p.scales + r * ng;  // f16
+    const float* ws = scales.widen(p.scales + r * ng, ng);
     const uint8_t* zs = p.zeros + r * ng;
     __m512 acc[T], acc2[T];
     for (int t = 0; t < T; ++t) acc[t] = acc2[t] = _mm512_setzero_ps();
@@ -271,7 +289,7 @@ void sparse_int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* 
       __m512 wsv;
       if constexpr (kGroupPerPair) {
         fill = _mm512_set1_epi8(static_cast<char>(zs[q]));
-        wsv = _mm512_set1_ps(_cvtsh_ss(ws[q]));
+        wsv = _mm512_set1_ps(ws[q]);
       } else {
         if (left == 0) {  // the next group (never reached with one group per row)
           ++g;
@@ -279,7 +297,7 @@ void sparse_int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* 
           fill = _mm512_set1_epi8(static_cast<char>(zs[g]));
         }
         --left;
-        wsv = _mm512_set1_ps(_cvtsh_ss(ws[g]));
+        wsv = _mm512_set1_ps(ws[g]);
       }
       const int64_t b = 2 * q;
       const uint64_t m0 = load_u64(masks + 8 * b);
@@ -483,6 +501,7 @@ FormatDecodeQ8Fn decode_q8(const PackedView& v) {
   const int sb = sparse ? (v.bits <= 4 ? 4 : 8) : formats::stored_code_bits(v.bits);
   if (v.codec == Codec::Int) {
     if (v.n_groups > 1 && v.group_size % kBlockCols != 0) return nullptr;
+    if (v.n_groups > kMaxRowGroups) return nullptr;
     if (sparse && sb == 4) {
       const bool pair_groups = v.n_groups == 1 || (v.group_size / kBlockCols) % 2 == 0;
       if (!pair_groups) return int_decode_fn<4, true>(v);
