@@ -427,8 +427,9 @@ PackedWeight pack_quantized(const compress::QuantResult& q, const compress::Mask
     }
   }
   std::vector<uint8_t> zeros8(q.zeros.begin(), q.zeros.end());
-  // Scales are stored as f16, rounded to nearest. Below f16's normal range (6.1e-5) a scale keeps
-  // an absolute error under 3e-8, far below the half step its group's codes already err by.
+  // Scales are stored as f16, rounded to nearest: a relative error under 2^-11, or an absolute one
+  // under 2^-25 (3e-8) below f16's normal range (6.1e-5). The quantizers (find_quant_grid) already
+  // give f16 values, which are stored exactly.
   std::vector<uint16_t> scales16(q.scales.size());
   for (size_t i = 0; i < q.scales.size(); ++i) {
     const float sc = q.scales[i];
