@@ -116,18 +116,18 @@ struct RowScales {
 };
 
 // y[t, r] = Σ lanes (acc + acc2) − Σ_g scale_g · zero_g · group_sum[t][g].
-inline void finish_int_row(const PackedView& p, const QuantizedInput& x, int64_t r, int n_tokens,
-                           const __m512* acc, const __m512* acc2, float* y, int64_t ldy) {
+// ws: the row's scales as widened by RowScales.
+inline void finish_int_row(const PackedView& p, const QuantizedInput& x, int64_t r,
+                           const float* ws, int n_tokens, const __m512* acc, const __m512* acc2,
+                           float* y, int64_t ldy) {
   const int64_t ng = p.n_groups;
-  const uint16_t* ws = p.scales + r * ng;  // f16
   const uint8_t* zs = p.zeros + r * ng;
   for (int t = 0; t < n_tokens; ++t) {
     __m512 corr = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; g += 16) {
       const __mmask16 k = mask16(ng - g);
       const __m512 z = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_maskz_loadu_epi8(k, zs + g)));
-      const __m512 sc = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(k, ws + g));
-      corr = _mm512_fmadd_ps(_mm512_mul_ps(sc, z),
+      corr = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_maskz_loadu_ps(k, ws + g), z),
                              _mm512_maskz_loadu_ps(k, x.group_sum + t * ng + g), corr);
     }
     y[t * ldy + r] =
@@ -207,7 +207,7 @@ void int_rows(const PackedView& p, const QuantizedInput& x, float* y, int64_t ld
         }
       }
     });
-    finish_int_row(p, x, r, T, acc, acc2, y, ldy);
+    finish_int_row(p, x, r, ws, T, acc, acc2, y, ldy);
   }
 }
 
@@ -257,7 +257,7 @@ void int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* y, int6
                                s[t]);
       }
     });
-    finish_int_row(p, x, r, T, acc, acc2, y, ldy);
+    finish_int_row(p, x, r, ws, T, acc, acc2, y, ldy);
   }
 }
 
@@ -319,7 +319,7 @@ void sparse_int4_pair_rows(const PackedView& p, const QuantizedInput& x, float* 
     over_pairs<T>(whole, acc, acc2,
                   [&](int64_t q, __m512 (&s)[T]) { step.template operator()<true>(q, s); });
     if (whole < np) step.template operator()<false>(whole, acc);
-    finish_int_row(p, x, r, T, acc, acc2, y, ldy);
+    finish_int_row(p, x, r, ws, T, acc, acc2, y, ldy);
   }
 }
 
